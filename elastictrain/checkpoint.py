@@ -1,0 +1,97 @@
+"""Checkpoints: one plain dict of tensors and plain values, shaped like the seed's, written
+atomically and read with ``torch.load(..., weights_only=True)``.
+
+```
+{format, model_state_dict,                      # effective weights: compression baked in
+ elastic_trainer_state_dict: {model_buffers_state_dict: {
+     weight_mask, pre_weight_mask,              # {param: bool tensor, the param's shape}
+     structured_weight_mask, pre_structured_weight_mask,   # {param: bool, unit-grid shape}
+     quantization_table,                        # {param: (groups, 2^bits) codebook}
+     pattern_library}},                         # {param: bool (patterns, R*S)}
+ local_dict: {epoch, ...}, spec: {...plain spec...}}
+```
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ConfigError
+from .project import LayerState
+
+FORMAT = "elastictrain.checkpoint/1"
+BUFFER_KEYS = ("weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_structured_weight_mask",
+               "quantization_table", "pattern_library")
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict:
+    """A checkpoint dict or a plain state dict, loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or a corrupt file: one line, naming the file
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
+    return obj
+
+
+def model_state(ckpt: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    sd = ckpt.get("model_state_dict", ckpt)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"{source}: holds no model_state_dict of tensors")
+    return sd
+
+
+def buffers(ckpt: dict) -> dict[str, dict[str, torch.Tensor]]:
+    b = ckpt.get("elastic_trainer_state_dict", {}).get("model_buffers_state_dict", {})
+    return {k: dict(b.get(k, {})) for k in BUFFER_KEYS}
+
+
+def compressed_checkpoint(weights: dict[str, torch.Tensor], states: dict[str, LayerState], spec: dict,
+                          previous: Optional[dict] = None, epoch: int = 0, extra: Optional[dict] = None) -> dict:
+    """The seed-shaped checkpoint for projected ``weights`` and their per-layer ``states``."""
+    prev = buffers(previous) if previous else {k: {} for k in BUFFER_KEYS}
+    mb = {k: {} for k in BUFFER_KEYS}
+    for name, st in states.items():
+        mb["weight_mask"][name] = st.mask.clone()
+        mb["pre_weight_mask"][name] = prev["weight_mask"].get(name, torch.ones_like(st.mask))
+        structured = [m for m in st.unit_masks if m is not None]
+        if structured:
+            mb["structured_weight_mask"][name] = structured[-1].clone()
+            mb["pre_structured_weight_mask"][name] = prev["structured_weight_mask"].get(
+                name, torch.ones_like(structured[-1]))
+        if st.codebook is not None:
+            mb["quantization_table"][name] = st.codebook.clone()
+        if st.library is not None:
+            mb["pattern_library"][name] = st.library.clone()
+    return {
+        "format": FORMAT,
+        "model_state_dict": {k: v.detach().clone() for k, v in weights.items()},
+        "elastic_trainer_state_dict": {"model_buffers_state_dict": mb},
+        "local_dict": {"epoch": epoch},
+        "spec": spec,
+        **(extra or {}),
+    }

@@ -1,0 +1,125 @@
+"""Multi-codebook quantization: each group of a layer has its own tiny codebook.
+
+Grouping comes from a grid (``grid.block_view``); selection here is a per-group codebook fit and
+a nearest-value assignment, vectorised over all groups at once. Only the *kept* (mask) entries of
+a group are quantized; zero stays reserved for pruned entries, so no codebook value is ever 0
+and quantization never changes a mask.
+
+- ``kmeans``: 1-D Lloyd iterations from quantile initialisation (the standard greedy
+  approximation of the optimal 1-D quantizer — not the exact optimum). A group with at most
+  2^bits distinct values takes exactly those values, which makes the projection idempotent.
+- ``uniform``: 2^bits evenly spaced values from the group's min to its max kept value.
+
+Legend: G = groups, B = group size, N = most kept entries in any group, L = 2^bits levels.
+Codebooks are (G, L) float tensors sorted ascending; unused slots repeat the last value.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _compact(x_GB: torch.Tensor, keep_GB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept values packed to the left of each row: (vals_GN sorted ascending, +inf padded; n_G; idx)."""
+    n_G = keep_GB.sum(1)
+    N = max(int(n_G.max()) if n_G.numel() else 0, 1)
+    rows, cols = keep_GB.nonzero(as_tuple=True)
+    pos = keep_GB.cumsum(1)[rows, cols] - 1
+    vals_GN = torch.full((x_GB.shape[0], N), float("inf"), dtype=x_GB.dtype)
+    vals_GN[rows, pos] = x_GB[rows, cols]
+    return vals_GN.sort(1).values, n_G, (rows, cols)
+
+
+def _distinct(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups whose sorted kept values hold ≤ L distinct values, and those values as a codebook."""
+    G, N = vals_GN.shape
+    valid = torch.arange(N)[None, :] < n_G[:, None]
+    new = torch.ones_like(valid)
+    new[:, 1:] = vals_GN[:, 1:] != vals_GN[:, :-1]
+    new &= valid
+    rank = new.cumsum(1) - 1  # index of each value's distinct class
+    few_G = new.sum(1) <= L
+    book = torch.zeros(G, L, dtype=vals_GN.dtype)
+    sel = new & few_G[:, None]
+    book[sel.nonzero(as_tuple=True)[0], rank[sel]] = vals_GN[sel]
+    return few_G, _pad_sorted(book, new.sum(1).clamp(max=L))
+
+
+def _pad_sorted(book_GL: torch.Tensor, used_G: torch.Tensor) -> torch.Tensor:
+    """Repeat each row's last used value into its unused slots (keeps rows sorted)."""
+    L = book_GL.shape[1]
+    last = (used_G - 1).clamp(min=0)
+    idx = torch.minimum(torch.arange(L)[None, :], last[:, None])
+    return book_GL.gather(1, idx)
+
+
+def nearest(vals: torch.Tensor, book_GL: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook value for each entry of (G, ·) ``vals`` (ties: lower value)."""
+    mid = (book_GL[:, 1:] + book_GL[:, :-1]) / 2
+    return torch.searchsorted(mid.contiguous(), vals.contiguous()).clamp(max=book_GL.shape[1] - 1)
+
+
+def _kmeans(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int, iters: int) -> torch.Tensor:
+    G, N = vals_GN.shape
+    valid = torch.arange(N)[None, :] < n_G[:, None]
+    # quantile initialisation: centroid j at the (j + 0.5) / L quantile of the group's values
+    q = ((torch.arange(L, dtype=torch.float64)[None, :] + 0.5) / L * n_G[:, None]).long()
+    book = vals_GN.gather(1, q.clamp(max=N - 1))
+    book = torch.where(torch.isinf(book), torch.zeros_like(book), book)
+    x = torch.where(valid, vals_GN, torch.zeros_like(vals_GN))
+    w = valid.to(vals_GN.dtype)
+    prev = None
+    for _ in range(iters):
+        a = nearest(x, book)
+        if prev is not None and torch.equal(a, prev):
+            break
+        prev = a
+        sums = torch.zeros(G, L, dtype=x.dtype).scatter_add_(1, a, x * w)
+        cnts = torch.zeros(G, L, dtype=x.dtype).scatter_add_(1, a, w)
+        book = torch.where(cnts > 0, sums / cnts.clamp(min=1), book).sort(1).values
+    return book
+
+
+def _uniform(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int) -> torch.Tensor:
+    lo = vals_GN[:, 0]
+    hi = vals_GN.gather(1, (n_G - 1).clamp(min=0)[:, None]).squeeze(1)
+    lo = torch.where(n_G > 0, lo, torch.zeros_like(lo))
+    hi = torch.where(n_G > 0, hi, torch.zeros_like(hi))
+    t = torch.arange(L, dtype=vals_GN.dtype) / (L - 1)
+    return lo[:, None] + (hi - lo)[:, None] * t[None, :]
+
+
+def _nonzero_values(book_GL: torch.Tensor, vals_GN: torch.Tensor, n_G: torch.Tensor) -> torch.Tensor:
+    """Replace a codebook value of exactly 0 by the group's smallest-magnitude kept value (or the
+    dtype's eps), so a kept weight never quantizes to the reserved zero."""
+    mag = torch.where(torch.isinf(vals_GN) | (vals_GN == 0), torch.full_like(vals_GN, float("inf")), vals_GN.abs())
+    small = mag.min(1).values
+    small = torch.where(torch.isinf(small), torch.full_like(small, torch.finfo(book_GL.dtype).eps), small)
+    return torch.where(book_GL == 0, small[:, None].expand_as(book_GL), book_GL).sort(1).values
+
+
+def fit(x_GB: torch.Tensor, keep_GB: torch.Tensor, bits: int, method: str = "kmeans", iters: int = 30) -> torch.Tensor:
+    """One codebook of 2^bits values per row of ``x_GB``, fitted to the kept entries: (G, L)."""
+    L = 1 << bits
+    vals_GN, n_G, _ = _compact(x_GB, keep_GB)
+    if method == "uniform":
+        book = _uniform(vals_GN, n_G, L)
+    elif method == "kmeans":
+        few_G, exact = _distinct(vals_GN, n_G, L)
+        book = exact
+        if not bool(few_G.all()):
+            many = ~few_G
+            book = exact.clone()
+            book[many] = _kmeans(vals_GN[many], n_G[many], L, iters)
+    else:
+        raise ValueError(f"unknown codebook method {method!r} (expected 'kmeans' or 'uniform')")
+    return _nonzero_values(book, vals_GN, n_G)
+
+
+def apply(x_GB: torch.Tensor, keep_GB: torch.Tensor, book_GL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize kept entries to their group's nearest codebook value; pruned entries are 0.
+
+    Returns (q_GB, codes_GB); codes of pruned entries are meaningless (0).
+    """
+    codes = nearest(x_GB, book_GL)
+    q = book_GL.gather(1, codes)
+    return torch.where(keep_GB, q, torch.zeros_like(q)), codes

@@ -1,0 +1,170 @@
+"""Resolve a spec against a model's parameter shapes: which rule constrains which tensor, and
+every grid turned into integer part counts. All checks that need shapes happen here, before any
+work starts, and fail with the spec field, the parameter and the reason.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import ConfigError
+from .grid import AXES, Grid, coarser
+from .select import keep_count
+from .spec import Pattern, Quantize, Spec
+
+Parts = tuple[int, int, int, int]
+
+
+@dataclass(slots=True)
+class Step:
+    """One prune selection on one layer."""
+
+    unit: Parts
+    """the unit grid's part counts: the unit-score tensor has this shape."""
+    fraction: float
+    """fraction of units kept (for a balanced step: of each workload's units)."""
+    norm: str
+    scope: str
+    pool: tuple
+    """global steps with equal ``pool`` share one threshold: (rule, step), or ("pool", name)."""
+    workload: Optional[Parts] = None
+    """balanced: the workload grid over the unit tensor; every workload keeps ``keep`` units."""
+    keep: int = 0
+    """units kept per workload (balanced) or per layer (scope: layer); 0 for global steps."""
+    at_most: bool = False
+    """N:M — a workload keeps at most ``keep`` non-zeros (verify); selection still keeps ``keep``."""
+
+    @property
+    def units(self) -> int:
+        return self.unit[0] * self.unit[1] * self.unit[2] * self.unit[3]
+
+
+@dataclass(slots=True)
+class LayerPlan:
+    name: str
+    rule: int
+    kind: str  # conv | linear
+    shape: tuple[int, ...]  # the parameter's own shape
+    shape4: Parts
+    steps: list[Step] = field(default_factory=list)
+    pattern: Optional[Pattern] = None
+    quantize: Optional[Quantize] = None
+    quant_parts: Optional[Parts] = None
+
+    @property
+    def params(self) -> int:
+        return self.shape4[0] * self.shape4[1] * self.shape4[2] * self.shape4[3]
+
+    @property
+    def bits(self) -> int:
+        return self.quantize.bits if self.quantize else 32
+
+    @property
+    def codebooks(self) -> int:
+        q = self.quant_parts
+        return q[0] * q[1] * q[2] * q[3] if q else 0
+
+
+def layer_kind(shape: tuple[int, ...]) -> Optional[str]:
+    return {4: "conv", 2: "linear"}.get(len(shape))
+
+
+def _parts(grid: Grid, shape4: Parts, where: str, name: str) -> Parts:
+    try:
+        return grid.parts(shape4, name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e}") from None
+
+
+def resolve(spec: Spec, shapes: dict[str, tuple[int, ...]], source: str = "spec") -> dict[str, LayerPlan]:
+    """Plans for every constrainable parameter matched by a non-empty rule, in ``shapes`` order."""
+    plans: dict[str, LayerPlan] = {}
+    hits = [0] * len(spec.rules)
+    fractions: dict[tuple, tuple[float, str, int]] = {}
+    try:
+        for name, shape in shapes.items():
+            kind = layer_kind(tuple(shape))
+            if kind is None:
+                continue
+            for r, rule in enumerate(spec.rules):
+                if fnmatch.fnmatchcase(name, rule.match) and rule.layer in (None, kind):
+                    hits[r] += 1
+                    if not rule.empty:
+                        plans[name] = _plan(r, rule, name, kind, tuple(shape))
+                        _check_pools(plans[name], fractions)
+                    break
+        for r, n in enumerate(hits):
+            if n == 0:
+                rule = spec.rules[r]
+                what = f"{rule.layer} " if rule.layer else "conv/linear "
+                raise ConfigError(f"rules[{r}].match: {rule.match!r} matches no {what}parameter "
+                                  "(or only ones an earlier rule already took)")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return plans
+
+
+def _plan(r: int, rule, name: str, kind: str, shape: tuple[int, ...]) -> LayerPlan:
+    where = f"rules[{r}]"
+    shape4: Parts = tuple(shape) + (1,) * (4 - len(shape))  # type: ignore[assignment]
+    plan = LayerPlan(name, r, kind, tuple(shape), shape4, pattern=rule.pattern, quantize=rule.quantize)
+    if rule.pattern is not None:
+        K = shape4[2] * shape4[3]
+        if kind != "conv":
+            raise ConfigError(f"{where}.pattern: {name} is a linear weight; pattern pruning needs k×k conv kernels")
+        if rule.pattern.entries > K:
+            raise ConfigError(f"{where}.pattern.entries: {rule.pattern.entries} > {K} positions of a {shape4[2]}×{shape4[3]} kernel in {name}")
+        for i, pos in enumerate(rule.pattern.library or []):
+            if max(pos) >= K:
+                raise ConfigError(f"{where}.pattern.library[{i}]: position {max(pos)} outside a {shape4[2]}×{shape4[3]} kernel in {name}")
+    work = _parts(rule.balance, shape4, f"{where}.balance", name) if rule.balance is not None else None
+    multi = len(rule.prunes) > 1
+    for s, p in enumerate(rule.prunes):
+        pw = f"{where}.prune[{s}]" if multi else f"{where}.prune"
+        unit = _parts(p.grid, shape4, f"{pw}.unit", name)
+        step = Step(unit, p.keep_fraction, p.norm, p.scope, ("pool", p.pool) if p.pool else (r, s))
+        if work is not None:
+            if not coarser(work, unit):
+                raise ConfigError(f"{where}.balance: workloads ({rule.balance.describe()}) of {name} do not "
+                                  f"contain whole units of {pw}.unit")
+            step.workload = work
+            per = step.units // (work[0] * work[1] * work[2] * work[3])
+            step.keep = keep_count(per, density=p.keep_fraction, floor=0)
+            if step.keep == 0:
+                raise ConfigError(f"{where}.balance: cannot be met for {name}: a workload of {per} units "
+                                  f"keeps 0 at ratio {1 / p.keep_fraction:g}")
+        elif p.scope == "layer":
+            step.keep = keep_count(step.units, density=p.keep_fraction)
+        plan.steps.append(step)
+    if rule.nm is not None:
+        n, m = rule.nm.n, rule.nm.m
+        if shape4[1] % m:
+            raise ConfigError(f"{where}.nm: m={m} does not divide the channel axis of {name} (size {shape4[1]})")
+        unit = (shape4[0], shape4[1], shape4[2], shape4[3])
+        work = (shape4[0], shape4[1] // m, shape4[2], shape4[3])
+        plan.steps.append(Step(unit, n / m, "l2", "layer", (r, len(rule.prunes)), work, n, at_most=True))
+    if rule.quantize is not None:
+        plan.quant_parts = _parts(rule.quantize.grid, shape4, f"{where}.quantize.groups", name)
+    return plan
+
+
+def _check_pools(plan: LayerPlan, fractions: dict) -> None:
+    for s, step in enumerate(plan.steps):
+        if step.scope != "global":
+            continue
+        where = f"rules[{plan.rule}].prune" + (f"[{s}]" if len(plan.steps) > 1 else "")
+        seen = fractions.setdefault(step.pool, (step.fraction, where, s))
+        if seen[2] != s:  # the projection pools global steps position by position
+            raise ConfigError(f"{where}.pool: pool {step.pool[1]!r} is prune step {s} here but step {seen[2]} at {seen[1]}")
+        if seen[0] != step.fraction:
+            raise ConfigError(f"{where}.pool: pool {step.pool[1]!r} keeps {1 / step.fraction:g}× here but "
+                              f"{1 / seen[0]:g}× at {seen[1]} (one threshold needs one ratio)")
+
+
+def pool_name(pool: tuple) -> str:
+    return f"prune.pool {pool[1]!r}" if pool[0] == "pool" else f"rules[{pool[0]}].prune"
+
+
+def describe_grid(parts: Parts) -> str:
+    return " × ".join(f"{a} {p}" for a, p in zip(AXES, parts) if p > 1) or "whole layer"

@@ -1,0 +1,138 @@
+"""The composed projection: weights → nearest weights that satisfy every constraint of their rule.
+
+Order, per layer (each step narrows the previous one's mask, so all hold at the end):
+1. pattern — every kernel takes its best library pattern (the library is fitted from the
+   weights unless given);
+2. prune steps, in the rule's order, N:M last — each keeps the top units by norm of what is still
+   alive: per layer, per workload (balanced, equal counts) or across a pool of layers (global);
+3. quantize — kept weights take their group's nearest codebook value (never 0, so masks hold).
+For unstructured/structured pruning alone this is the exact Euclidean projection; with patterns
+it is exact for the given library; k-means is Lloyd's greedy fit (see ``codebook``).
+
+Legend: w4 is a weight as (F, C, R, S); unit tensors have the unit grid's part counts as shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import codebook, pattern
+from .grid import as4d, block_unview, block_view
+from .plan import LayerPlan, Step
+from .select import keep_count, topk_mask
+
+
+@dataclass(slots=True)
+class LayerState:
+    """What a layer needs to keep satisfying its constraints: masks, pattern library, codebook."""
+
+    mask: torch.Tensor
+    """bool, the parameter's shape: True = kept (may be non-zero)."""
+    unit_masks: list[Optional[torch.Tensor]] = field(default_factory=list)
+    """per prune step: the unit-level mask (unit-grid shape), None for element steps."""
+    library: Optional[torch.Tensor] = None
+    """pattern library, bool (P, R*S)."""
+    codebook: Optional[torch.Tensor] = None
+    """(groups, 2^bits) float, rows sorted."""
+
+
+def _unit_scores(cur4: torch.Tensor, step: Step) -> torch.Tensor:
+    """Score of every unit (unit-grid shaped): squared L2 (same order as L2) or L1 norm."""
+    if step.unit == tuple(cur4.shape):
+        return cur4.abs()
+    blocks = block_view(cur4, step.unit)
+    s = blocks.abs().sum(1) if step.norm == "l1" else blocks.pow(2).sum(1)
+    return s.reshape(step.unit)
+
+
+def _select_local(scores: torch.Tensor, step: Step) -> torch.Tensor:
+    if step.workload is not None:
+        rows = block_view(scores, step.workload)
+        return block_unview(topk_mask(rows, step.keep), scores.shape, step.workload)
+    return topk_mask(scores.reshape(1, -1), step.keep).reshape(scores.shape)
+
+
+def _expand(unit_mask: torch.Tensor, shape4: tuple[int, ...]) -> torch.Tensor:
+    """A unit-level mask as an element mask of ``shape4``."""
+    if tuple(unit_mask.shape) == tuple(shape4):
+        return unit_mask
+    G = unit_mask.numel()
+    B = (shape4[0] * shape4[1] * shape4[2] * shape4[3]) // G
+    return block_unview(unit_mask.reshape(G, 1).expand(G, B), shape4, tuple(unit_mask.shape))
+
+
+def _pattern_mask(w4: torch.Tensor, plan: LayerPlan, library: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    F, C, R, S = w4.shape
+    energy_NK = w4.reshape(F * C, R * S).pow(2)
+    p = plan.pattern
+    if library is None:
+        if p.library is not None:
+            library = pattern.library_from_positions(p.library, R * S)
+        else:
+            library = pattern.fit_library(energy_NK, p.entries, p.patterns)
+    index_N, _ = pattern.assign(energy_NK, library)
+    return library[index_N].reshape(F, C, R, S), library
+
+
+@torch.no_grad()
+def project(
+    weights: dict[str, torch.Tensor],
+    plans: dict[str, LayerPlan],
+    libraries: Optional[dict[str, torch.Tensor]] = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, LayerState]]:
+    """Project every planned weight; returns (projected weights, per-layer state).
+
+    Weights not in ``plans`` are left out of both results. ``libraries`` fixes pattern libraries
+    (as during training, where a library is chosen once per stage).
+    """
+    libraries = libraries or {}
+    w4 = {n: as4d(weights[n].detach()).float() for n in plans}
+    mask4: dict[str, torch.Tensor] = {}
+    states: dict[str, LayerState] = {}
+    for n, plan in plans.items():
+        states[n] = LayerState(mask=torch.empty(0))
+        if plan.pattern is not None:
+            mask4[n], states[n].library = _pattern_mask(w4[n], plan, libraries.get(n))
+        else:
+            mask4[n] = torch.ones(plan.shape4, dtype=torch.bool)
+
+    for s in range(max((len(p.steps) for p in plans.values()), default=0)):
+        pools: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+        for n, plan in plans.items():
+            if s >= len(plan.steps):
+                continue
+            step = plan.steps[s]
+            scores = _unit_scores(w4[n] * mask4[n], step)
+            if step.scope == "global":
+                pools.setdefault(step.pool, []).append((n, scores))
+                continue
+            _narrow(states[n], mask4, n, plan, step, _select_local(scores, step))
+        for members in pools.values():  # one threshold over the whole pool; ties by pool order
+            flat = torch.cat([sc.reshape(-1) for _, sc in members])
+            fraction = plans[members[0][0]].steps[s].fraction
+            keep = topk_mask(flat[None], keep_count(flat.numel(), density=fraction))[0]
+            for (n, sc), part in zip(members, keep.split([sc.numel() for _, sc in members])):
+                _narrow(states[n], mask4, n, plans[n], plans[n].steps[s], part.reshape(sc.shape))
+
+    out: dict[str, torch.Tensor] = {}
+    for n, plan in plans.items():
+        m4 = mask4[n]
+        q4 = torch.where(m4, w4[n], torch.zeros_like(w4[n]))
+        if plan.quantize is not None:
+            qp = plan.quant_parts
+            x_GB, keep_GB = block_view(q4, qp), block_view(m4, qp)
+            book = codebook.fit(x_GB, keep_GB, plan.quantize.bits, plan.quantize.method, plan.quantize.iters)
+            q_GB, _ = codebook.apply(x_GB, keep_GB, book)
+            q4 = block_unview(q_GB, plan.shape4, qp)
+            states[n].codebook = book
+        out[n] = q4.reshape(plan.shape).to(weights[n].dtype)
+        states[n].mask = m4.reshape(plan.shape)
+    return out, states
+
+
+def _narrow(state: LayerState, mask4: dict, n: str, plan: LayerPlan, step: Step, unit_mask: torch.Tensor) -> None:
+    element = step.unit == plan.shape4
+    state.unit_masks.append(None if element else unit_mask)
+    mask4[n] = mask4[n] & _expand(unit_mask, plan.shape4)

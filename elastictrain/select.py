@@ -1,0 +1,38 @@
+"""Selection: which entries of each row survive. Pure, deterministic functions of tensors.
+
+Ties are broken by index (the lower index wins), never by the sort order of a particular kernel,
+so every rank that holds the same scores selects the same entries — the property the distributed
+layer relies on. Both functions cost O(n) (``kthvalue`` + a cumulative sum), not a full sort.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def topk_mask(scores_GB: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask keeping the ``k`` largest scores of every row (ties: lower index first).
+
+    ``scores_GB`` is (G, B); every row keeps exactly ``min(k, B)`` entries — this is what makes a
+    balanced selection balanced.
+    """
+    G, B = scores_GB.shape
+    if k >= B:
+        return torch.ones_like(scores_GB, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores_GB, dtype=torch.bool)
+    # k-th largest = (B - k + 1)-th smallest
+    thr_G1 = torch.kthvalue(scores_GB, B - k + 1, dim=1, keepdim=True).values
+    above = scores_GB > thr_G1
+    tied = scores_GB == thr_G1
+    need_G1 = k - above.sum(1, keepdim=True)
+    # the first `need` tied entries of each row (in index order) complete the row to exactly k
+    return above | (tied & (tied.cumsum(1) <= need_G1))
+
+
+def keep_count(units: int, ratio: float | None = None, density: float | None = None, floor: int = 1) -> int:
+    """Units kept out of ``units`` for a ratio (before / kept) or a density; rounded to nearest.
+
+    ``floor`` is the least number kept (1 for a layer, so a layer is never wiped out by rounding).
+    """
+    d = density if density is not None else 1.0 / float(ratio if ratio is not None else 1.0)
+    return min(units, max(floor, int(units * d + 0.5)))

@@ -1,0 +1,1 @@
+"""Launch entries (Ray Train + DeepSpeed workers) — filled in by the distributed issue."""

@@ -1,0 +1,121 @@
+"""The ``elastictrain`` command. Each subcommand validates everything it was given before it
+starts work, and user errors print one line (``elastictrain: error: WHERE: WHY``) and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from elastictrain import checkpoint, spec as spec_mod
+from elastictrain.accounting import format_table
+from elastictrain.config import ConfigError, to_plain
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path: str | Path) -> None:
+    """Write JSON atomically (temporary file + rename), so a reader never sees half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cmd_init(args) -> int:
+    import torch
+    from elastictrain.models import build_model
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "model_state_dict": model.state_dict(),
+                            "local_dict": {"epoch": 0}, "model": args.model}, args.out)
+    print(f"wrote {args.out}: {args.model}, {sum(p.numel() for p in model.parameters())} parameters")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from elastictrain.compress import compress_state_dict
+
+    spec = spec_mod.load(args.spec)  # spec errors first: before any tensor is read
+    ckpt = checkpoint.load(args.checkpoint)
+    sd = checkpoint.model_state(ckpt, args.checkpoint)
+    result = compress_state_dict(sd, spec, str(args.spec))
+    if result.violations:  # a projection that misses its own constraints is a bug, never an output
+        raise RuntimeError("projection violates its spec: " + "; ".join(map(str, result.violations[:3])))
+    out = checkpoint.compressed_checkpoint(result.state_dict, result.states, to_plain(spec),
+                                           previous=ckpt if "elastic_trainer_state_dict" in ckpt else None,
+                                           extra={"report": _json_safe({k: v for k, v in result.report.items() if k != "layers"})})
+    checkpoint.atomic_save(out, args.out)
+    if args.report:
+        write_json({"checkpoint": str(args.out), "spec": str(args.spec), **result.report}, args.report)
+    if not args.quiet:
+        print(format_table(result.report))
+        print(f"wrote {args.out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from elastictrain.plan import resolve
+    from elastictrain.verify import verify
+
+    spec = spec_mod.load(args.spec)
+    ckpt = checkpoint.load(args.checkpoint)
+    sd = checkpoint.model_state(ckpt, args.checkpoint)
+    plans = resolve(spec, {k: tuple(v.shape) for k, v in sd.items()}, str(args.spec))
+    violations = verify(plans, sd, checkpoint.buffers(ckpt)["pattern_library"])
+    for v in violations:
+        print(f"FAIL {v}")
+    print(f"{args.checkpoint}: {len(plans)} constrained tensors, "
+          + ("all constraints hold" if not violations else f"{len(violations)} violations"))
+    return 1 if violations else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elastictrain", description="Train and compress DNNs under a mixture of constraints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="write a freshly initialised model checkpoint")
+    s.add_argument("model")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--in-channels", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("compress", help="project a model's weights onto a spec in one shot (no training)")
+    s.add_argument("checkpoint")
+    s.add_argument("--spec", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--report", help="write the JSON compression report here")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_compress)
+
+    s = sub.add_parser("verify", help="check a checkpoint's weights against a spec")
+    s.add_argument("checkpoint")
+    s.add_argument("--spec", required=True)
+    s.set_defaults(fn=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"elastictrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
