@@ -54,7 +54,7 @@ class Grid:
             part = getattr(self, axis)
             n = size if part == "each" else 1 if part == "any" else part
             if size % n:
-                raise ValueError(f"{axis}: {n} parts do not divide the {axis} axis of {where or 'the tensor'} (size {size})")
+                fail(axis, f"{n} parts do not divide the {axis} axis of {where or 'the tensor'} (size {size})")
             out.append(n)
         return tuple(out)  # type: ignore[return-value]
 

@@ -1,0 +1,59 @@
+"""Codebook and pattern primitives against hand-computed references."""
+import torch
+
+from elastictrain import codebook, pattern
+
+
+def test_kmeans_hand_computed():
+    # two clear clusters {1, 2, 3} and {10, 11}; with 1 bit Lloyd converges to their means
+    x = torch.tensor([[1.0, 2.0, 3.0, 10.0, 11.0, 0.0]])
+    keep = torch.tensor([[True, True, True, True, True, False]])
+    book = codebook.fit(x, keep, bits=1)
+    assert torch.allclose(book, torch.tensor([[2.0, 10.5]]))
+    q, codes = codebook.apply(x, keep, book)
+    assert torch.equal(q, torch.tensor([[2.0, 2.0, 2.0, 10.5, 10.5, 0.0]]))
+
+
+def test_group_with_few_distinct_values_keeps_them_exactly():
+    x = torch.tensor([[0.3, -0.7, 0.3, 0.3], [5.0, 5.0, 5.0, 5.0]])
+    keep = torch.ones_like(x, dtype=torch.bool)
+    book = codebook.fit(x, keep, bits=2)
+    q, _ = codebook.apply(x, keep, book)
+    assert torch.equal(q, x)
+    assert torch.equal(book[1], torch.full((4,), 5.0))  # unused slots repeat the last value
+
+
+def test_codebook_never_holds_zero_and_empty_groups_are_safe():
+    x = torch.tensor([[-1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    keep = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    book = codebook.fit(x, keep, bits=1)  # one level would be the mean 0 of {-1, 1} with 1 centroid...
+    assert bool((book != 0).all()) and torch.isfinite(book).all()
+    book0 = codebook.fit(torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2, dtype=torch.bool), bits=1)
+    assert torch.equal(book0, torch.tensor([[-1.0, 1.0]]))
+    q, _ = codebook.apply(x, keep, book)
+    assert torch.equal(q != 0, keep)
+
+
+def test_uniform_levels_span_min_to_max():
+    x = torch.tensor([[0.1, 0.4, 0.7, 1.0, 0.25]])
+    keep = torch.ones_like(x, dtype=torch.bool)
+    book = codebook.fit(x, keep, bits=2, method="uniform")
+    assert torch.allclose(book, torch.tensor([[0.1, 0.4, 0.7, 1.0]]))
+    q, _ = codebook.apply(x, keep, book)
+    assert torch.allclose(q, torch.tensor([[0.1, 0.4, 0.7, 1.0, 0.1]]))  # 0.25 is a tie: lower level
+
+
+def test_pattern_library_is_most_frequent_topk_supports():
+    # kernels of 4 positions; supports of the top-2: {0,1} ×3, {2,3} ×2, {0,3} ×1
+    e = torch.tensor([[9, 8, 1, 0], [9, 8, 0, 1], [7, 9, 2, 1], [0, 1, 9, 8], [1, 0, 8, 9], [9, 0, 1, 8.0]])
+    lib = pattern.fit_library(e, entries=2, patterns=2)
+    assert lib.int().tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]  # sorted by code
+    idx, kept = pattern.assign(e, lib)
+    assert idx.tolist() == [0, 0, 0, 1, 1, 0] and kept.tolist() == [17, 17, 16, 17, 17, 9]
+
+
+def test_pattern_library_ignores_dead_kernels():
+    e = torch.zeros(10, 4)
+    e[0] = torch.tensor([0, 0, 5, 6.0])
+    lib = pattern.fit_library(e, entries=2, patterns=1)
+    assert lib.int().tolist() == [[0, 0, 1, 1]]

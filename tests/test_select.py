@@ -1,0 +1,31 @@
+import torch
+from hypothesis import given, strategies as st
+
+from elastictrain.select import keep_count, topk_mask
+
+
+def reference_topk(row: torch.Tensor, k: int) -> torch.Tensor:
+    order = sorted(range(row.numel()), key=lambda i: (-float(row[i]), i))
+    m = torch.zeros(row.numel(), dtype=torch.bool)
+    m[order[:k]] = True
+    return m
+
+
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 14), st.integers(0, 2**31 - 1), st.booleans())
+def test_topk_mask_is_exact_with_index_tie_break(G, B, k, seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(G, B, generator=g)
+    if ties:
+        x = torch.round(x)
+    m = topk_mask(x, k)
+    assert (m.sum(1) == min(k, B)).all()
+    for r in range(G):
+        assert torch.equal(m[r], reference_topk(x[r], min(k, B)))
+
+
+def test_keep_count_rounding_and_floor():
+    assert keep_count(1000, ratio=50) == 20
+    assert keep_count(1000, density=0.0125) == 13  # 12.5 rounds half up
+    assert keep_count(10, ratio=1000) == 1  # a layer is never wiped out by rounding
+    assert keep_count(10, ratio=1000, floor=0) == 0
+    assert keep_count(7, ratio=1) == 7
