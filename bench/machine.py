@@ -1,14 +1,16 @@
 """Describe the machine a benchmark ran on, for the JSON next to its timings.
 
 ``describe()`` returns a plain dict (JSON-serialisable): CPU model, logical cores, torch threads,
-total RAM, GPU name (None without CUDA), python/torch/numpy versions and a UTC timestamp. The
-hostname is deliberately left out.
+total RAM, GPU name (None without CUDA), python/torch/numpy versions, load average and a UTC
+timestamp. The hostname is deliberately left out. ``cpu_busy()`` samples /proc/stat to tell
+whether other processes compete for the cores (on 2 cores this distorts timings several-fold).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import time
 
 
 def _cpu_model() -> str | None:
@@ -33,6 +35,21 @@ def _ram_bytes() -> int | None:
     return None
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all cores' time spent busy over ``seconds`` (None where /proc/stat is missing)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except OSError:
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
 def describe() -> dict:
     import numpy
     import torch
@@ -51,6 +68,7 @@ def describe() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
+        "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -8,7 +8,7 @@ shapes) → ``grid`` (grouping) + ``select`` / ``pattern`` / ``codebook`` (selec
 from .compress import Compressed, compress_state_dict
 from .config import ConfigError
 from .plan import LayerPlan, resolve
-from .project import LayerState, project
+from .projection import LayerState, project
 from .spec import Spec, load as load_spec, parse as parse_spec
 from .verify import Violation, verify
 

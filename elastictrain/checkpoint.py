@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .config import ConfigError
-from .project import LayerState
+from .projection import LayerState
 
 FORMAT = "elastictrain.checkpoint/1"
 BUFFER_KEYS = ("weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_structured_weight_mask",

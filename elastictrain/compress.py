@@ -7,7 +7,7 @@ import torch
 
 from .accounting import report
 from .plan import LayerPlan, resolve
-from .project import LayerState, project
+from .projection import LayerState, project
 from .spec import Spec
 from .verify import Violation, verify
 

@@ -5,6 +5,7 @@ work starts, and fail with the spec field, the parameter and the reason.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,6 +15,7 @@ from .select import keep_count
 from .spec import Pattern, Quantize, Spec
 
 Parts = tuple[int, int, int, int]
+BALANCE_TOLERANCE = 0.2  # warn when equal counts per workload move a ratio by more than this
 
 
 @dataclass(slots=True)
@@ -134,6 +136,11 @@ def _plan(r: int, rule, name: str, kind: str, shape: tuple[int, ...]) -> LayerPl
             if step.keep == 0:
                 raise ConfigError(f"{where}.balance: cannot be met for {name}: a workload of {per} units "
                                   f"keeps 0 at ratio {1 / p.keep_fraction:g}")
+            got = per / step.keep
+            if abs(got * p.keep_fraction - 1) > BALANCE_TOLERANCE:
+                warnings.warn(f"{where}.balance: {name} keeps {step.keep} of {per} units per workload, "
+                              f"{got:g}× instead of {1 / p.keep_fraction:g}× (equal counts need whole units)",
+                              stacklevel=2)
         elif p.scope == "layer":
             step.keep = keep_count(step.units, density=p.keep_fraction)
         plan.steps.append(step)

@@ -30,7 +30,7 @@ def test_seed_nominal_ratio_1000x_pruning_2bit_is_16000x():
     w = {"conv.weight": torch.randn(64, 64, 5, 5)}  # 102400 weights
     spec = parse({"rules": [{"match": "*", "prune": {"ratio": 1000}, "quantize": {"bits": 2, "groups": {"filter": 4}}}]})
     plans = resolve(spec, {k: tuple(v.shape) for k, v in w.items()})
-    from elastictrain.project import project
+    from elastictrain.projection import project
     out, _ = project(w, plans)
     rep = report(out, plans)
     assert rep["nonzeros"] == 102 and rep["layers"][0]["codebooks"] == 4

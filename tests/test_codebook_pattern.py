@@ -10,7 +10,7 @@ def test_kmeans_hand_computed():
     keep = torch.tensor([[True, True, True, True, True, False]])
     book = codebook.fit(x, keep, bits=1)
     assert torch.allclose(book, torch.tensor([[2.0, 10.5]]))
-    q, codes = codebook.apply(x, keep, book)
+    q = codebook.apply(x, keep, book)
     assert torch.equal(q, torch.tensor([[2.0, 2.0, 2.0, 10.5, 10.5, 0.0]]))
 
 
@@ -18,7 +18,7 @@ def test_group_with_few_distinct_values_keeps_them_exactly():
     x = torch.tensor([[0.3, -0.7, 0.3, 0.3], [5.0, 5.0, 5.0, 5.0]])
     keep = torch.ones_like(x, dtype=torch.bool)
     book = codebook.fit(x, keep, bits=2)
-    q, _ = codebook.apply(x, keep, book)
+    q = codebook.apply(x, keep, book)
     assert torch.equal(q, x)
     assert torch.equal(book[1], torch.full((4,), 5.0))  # unused slots repeat the last value
 
@@ -30,7 +30,7 @@ def test_codebook_never_holds_zero_and_empty_groups_are_safe():
     assert bool((book != 0).all()) and torch.isfinite(book).all()
     book0 = codebook.fit(torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2, dtype=torch.bool), bits=1)
     assert torch.equal(book0, torch.tensor([[-1.0, 1.0]]))
-    q, _ = codebook.apply(x, keep, book)
+    q = codebook.apply(x, keep, book)
     assert torch.equal(q != 0, keep)
 
 
@@ -39,7 +39,7 @@ def test_uniform_levels_span_min_to_max():
     keep = torch.ones_like(x, dtype=torch.bool)
     book = codebook.fit(x, keep, bits=2, method="uniform")
     assert torch.allclose(book, torch.tensor([[0.1, 0.4, 0.7, 1.0]]))
-    q, _ = codebook.apply(x, keep, book)
+    q = codebook.apply(x, keep, book)
     assert torch.allclose(q, torch.tensor([[0.1, 0.4, 0.7, 1.0, 0.1]]))  # 0.25 is a tie: lower level
 
 
@@ -57,3 +57,13 @@ def test_pattern_library_ignores_dead_kernels():
     e[0] = torch.tensor([0, 0, 5, 6.0])
     lib = pattern.fit_library(e, entries=2, patterns=1)
     assert lib.int().tolist() == [[0, 0, 1, 1]]
+
+
+def test_quantize_equals_fit_then_apply_and_keeps_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(6, 50, dtype=torch.float64)
+    keep = torch.rand(6, 50) > 0.5
+    q, book = codebook.quantize(x, keep, bits=3)
+    assert q.dtype == torch.float64 and torch.equal(book, codebook.fit(x, keep, bits=3))
+    assert torch.equal(q, codebook.apply(x, keep, book))
+    assert torch.equal(q != 0, keep)

@@ -6,7 +6,7 @@ from hypothesis import assume, given, strategies as st
 
 from elastictrain.grid import Grid, block_view
 from elastictrain.plan import resolve
-from elastictrain.project import project
+from elastictrain.projection import project
 from elastictrain.select import keep_count
 from elastictrain.spec import parse
 from elastictrain.verify import verify

@@ -80,3 +80,10 @@ def test_good_spec_resolves_first_matching_rule_and_skips_1d_params():
     plans = resolve(spec, SHAPES)
     assert list(plans) == ["features.3.weight", "classifier.weight"]
     assert plans["features.3.weight"].steps[0].keep == 64 * 64 * 9 // 4
+
+
+def test_balance_that_moves_the_ratio_warns_naming_layer():
+    spec = parse({"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 100},
+                             "balance": {"filter": 16, "channel": 4}}]})
+    with pytest.warns(UserWarning, match=r"rules\[0\].balance: features.3.weight keeps 1 of 64 units per workload, 64× instead of 100×"):
+        resolve(spec, SHAPES)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.profiler import record_function
 
 from . import codebook, pattern
 from .grid import as4d, block_unview, block_view
@@ -54,6 +55,14 @@ def _select_local(scores: torch.Tensor, step: Step) -> torch.Tensor:
     return topk_mask(scores.reshape(1, -1), step.keep).reshape(scores.shape)
 
 
+def _select_pool(members: list[tuple[str, torch.Tensor]], fraction: float):
+    """One threshold over every member's unit scores; ties go to the earlier member, then index."""
+    flat = torch.cat([sc.reshape(-1) for _, sc in members])
+    keep = topk_mask(flat[None], keep_count(flat.numel(), density=fraction))[0]
+    for (n, sc), part in zip(members, keep.split([sc.numel() for _, sc in members])):
+        yield n, part.reshape(sc.shape)
+
+
 def _expand(unit_mask: torch.Tensor, shape4: tuple[int, ...]) -> torch.Tensor:
     """A unit-level mask as an element mask of ``shape4``."""
     if tuple(unit_mask.shape) == tuple(shape4):
@@ -88,13 +97,15 @@ def project(
     (as during training, where a library is chosen once per stage).
     """
     libraries = libraries or {}
-    w4 = {n: as4d(weights[n].detach()).float() for n in plans}
+    # compute in at least fp32 (bf16/fp16 weights are promoted; fp64 stays fp64)
+    w4 = {n: as4d(weights[n].detach()).to(torch.promote_types(weights[n].dtype, torch.float32)) for n in plans}
     mask4: dict[str, torch.Tensor] = {}
     states: dict[str, LayerState] = {}
     for n, plan in plans.items():
         states[n] = LayerState(mask=torch.empty(0))
         if plan.pattern is not None:
-            mask4[n], states[n].library = _pattern_mask(w4[n], plan, libraries.get(n))
+            with record_function("elastictrain.pattern"):
+                mask4[n], states[n].library = _pattern_mask(w4[n], plan, libraries.get(n))
         else:
             mask4[n] = torch.ones(plan.shape4, dtype=torch.bool)
 
@@ -104,17 +115,16 @@ def project(
             if s >= len(plan.steps):
                 continue
             step = plan.steps[s]
-            scores = _unit_scores(w4[n] * mask4[n], step)
-            if step.scope == "global":
-                pools.setdefault(step.pool, []).append((n, scores))
-                continue
-            _narrow(states[n], mask4, n, plan, step, _select_local(scores, step))
-        for members in pools.values():  # one threshold over the whole pool; ties by pool order
-            flat = torch.cat([sc.reshape(-1) for _, sc in members])
-            fraction = plans[members[0][0]].steps[s].fraction
-            keep = topk_mask(flat[None], keep_count(flat.numel(), density=fraction))[0]
-            for (n, sc), part in zip(members, keep.split([sc.numel() for _, sc in members])):
-                _narrow(states[n], mask4, n, plans[n], plans[n].steps[s], part.reshape(sc.shape))
+            with record_function("elastictrain.prune"):
+                scores = _unit_scores(w4[n] * mask4[n], step)
+                if step.scope == "global":
+                    pools.setdefault(step.pool, []).append((n, scores))
+                    continue
+                _narrow(states[n], mask4, n, plan, step, _select_local(scores, step))
+        for members in pools.values():
+            with record_function("elastictrain.prune"):
+                for n, unit_mask in _select_pool(members, plans[members[0][0]].steps[s].fraction):
+                    _narrow(states[n], mask4, n, plans[n], plans[n].steps[s], unit_mask)
 
     out: dict[str, torch.Tensor] = {}
     for n, plan in plans.items():
@@ -123,8 +133,8 @@ def project(
         if plan.quantize is not None:
             qp = plan.quant_parts
             x_GB, keep_GB = block_view(q4, qp), block_view(m4, qp)
-            book = codebook.fit(x_GB, keep_GB, plan.quantize.bits, plan.quantize.method, plan.quantize.iters)
-            q_GB, _ = codebook.apply(x_GB, keep_GB, book)
+            with record_function("elastictrain.quantize"):
+                q_GB, book = codebook.quantize(x_GB, keep_GB, plan.quantize.bits, plan.quantize.method, plan.quantize.iters)
             q4 = block_unview(q_GB, plan.shape4, qp)
             states[n].codebook = book
         out[n] = q4.reshape(plan.shape).to(weights[n].dtype)
