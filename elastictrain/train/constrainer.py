@@ -1,0 +1,256 @@
+"""The constrainer: keeps a model's constrained weights on their spec while it trains.
+
+Per training step (the loop calls these in order):
+  ``before_forward``  QAT: the latent fp32 weights are stashed and their quantized values
+                      (current masks + codebooks) written in, so forward/backward see Q(W);
+  ``after_backward``  the latent weights come back (straight-through estimator: the gradient at
+                      Q(W) updates W); gradients of pruned weights are zeroed; ADMM adds ρ(W − Z + U);
+  ``after_step``      weights are re-masked, so pruned weights are exactly 0 after every optimizer
+                      step; on schedule, masks are recomputed (progressive), ADMM's Z, U updated,
+                      or codebooks refit.
+Methods: ``progressive`` (density follows a schedule to the target by ``end`` of the stage, masks
+recomputed every ``update_every`` steps), ``admm`` (Zhang et al. 2018: Z = Π(W + U), U += W − Z,
+ρ grows; a hard projection at ``end``, masked training after), ``fixed`` (project once at the
+start, then hold masks). Every mask comes from ``projection.project`` — a deterministic function of
+the weights — which is what lets the distributed layer check ranks with a checksum.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from .. import codebook
+from ..config import fail
+from ..grid import as4d, block_unview, block_view
+from ..plan import LayerPlan
+from ..projection import LayerState, project
+from ..schedule import Schedule, plans_at
+
+
+@dataclass(slots=True)
+class ADMMConfig:
+    rho: float = 1e-3
+    """initial penalty ρ."""
+    growth: float = 1.3
+    """ρ is multiplied by this at every Z, U update …"""
+    rho_max: float = 1.0
+    """… up to this."""
+
+    def __post_init__(self) -> None:
+        if self.rho <= 0 or self.rho_max < self.rho:
+            fail("rho", f"need 0 < rho <= rho_max (got {self.rho}, {self.rho_max})")
+        if self.growth < 1:
+            fail("growth", f"must be >= 1 (got {self.growth})")
+
+
+@dataclass(slots=True)
+class EnforceConfig:
+    method: Literal["progressive", "admm", "fixed"] = "progressive"
+    """how the constraints are reached during the stage."""
+    schedule: Schedule = "cubic"
+    """progressive: density schedule (cubic = Zhu & Gupta)."""
+    update_every: int = 50
+    """steps between mask updates (progressive) or Z, U updates (ADMM)."""
+    end: float = 0.75
+    """fraction of the stage's steps after which masks are final (the rest trains with them held)."""
+    codebook: Literal["refit", "fixed"] = "refit"
+    """QAT: refit codebooks by k-means every ``refit_every`` steps, or keep the first fit."""
+    refit_every: int = 50
+    admm: ADMMConfig = field(default_factory=ADMMConfig)
+
+    def __post_init__(self) -> None:
+        if self.update_every < 1:
+            fail("update_every", f"must be >= 1 (got {self.update_every})")
+        if self.refit_every < 1:
+            fail("refit_every", f"must be >= 1 (got {self.refit_every})")
+        if not 0 < self.end <= 1:
+            fail("end", f"must be in (0, 1] (got {self.end})")
+
+
+class Constrainer:
+    def __init__(self, params: dict[str, nn.Parameter], plans: dict[str, LayerPlan], cfg: EnforceConfig,
+                 total_steps: int, state: Optional[dict] = None):
+        self.params = {n: params[n] for n in plans}
+        self.plans, self.cfg = plans, cfg
+        self.total_steps = max(total_steps, 1)
+        self.end_step = max(1, int(round(cfg.end * self.total_steps)))
+        self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.libraries: dict[str, torch.Tensor] = {}
+        self.codebooks: dict[str, torch.Tensor] = {}
+        self.Z: dict[str, torch.Tensor] = {}
+        self.U: dict[str, torch.Tensor] = {}
+        self.rho = cfg.admm.rho
+        self.step = 0
+        self.final = False
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.stats = {"mask_updates": 0, "mask_changes": 0, "codebook_refits": 0, "admm_updates": 0}
+        self._latent: dict[str, torch.Tensor] = {}
+        if state:
+            self.load_state_dict(state)
+        # a stage never revives what an earlier stage pruned: every new mask is cut by these
+        self.base_masks = {n: m.clone() for n, m in self.masks.items()}
+
+    # -- the three per-step calls ---------------------------------------------------------------
+    @torch.no_grad()
+    def before_forward(self) -> None:
+        if not self.codebooks:
+            return
+        for n, book in self.codebooks.items():
+            p = self.params[n]
+            self._latent[n] = p.detach().clone()
+            p.copy_(self._quantized(n, p.detach(), book))
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        for n, latent in self._latent.items():
+            self.params[n].copy_(latent)
+        self._latent.clear()
+        for n, p in self.params.items():
+            if p.grad is None:
+                continue
+            if self.Z:  # ADMM: d/dW of ρ/2‖W − Z + U‖²
+                p.grad.add_(p.detach() - self.Z[n] + self.U[n], alpha=self.rho)
+            p.grad.mul_(self.masks[n])
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.step += 1
+        self._apply_masks()
+        cfg = self.cfg
+        if cfg.method == "progressive" and not self.final and self.step % cfg.update_every == 0:
+            self.update_masks(min(self.step / self.end_step, 1.0))
+        elif cfg.method == "admm" and self.Z:
+            if self.step >= self.end_step:
+                self.Z, self.U = {}, {}
+                self.update_masks(1.0)  # the hard projection; masked training from here on
+            elif self.step % cfg.update_every == 0:
+                self._admm_update()
+        if self.final and self.codebooks and cfg.codebook == "refit" and self.step % cfg.refit_every == 0:
+            self._refit()
+
+    # -- stage boundaries --------------------------------------------------------------------------
+    @torch.no_grad()
+    def begin(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Called once before the first step of a stage (after any state was loaded)."""
+        self.optimizer = optimizer
+        if self.step > 0:
+            return  # resumed mid-stage: the state already holds what we need
+        if self.cfg.method == "fixed":
+            self.update_masks(1.0)
+        elif self.cfg.method == "progressive":
+            self.update_masks(0.0)
+        else:  # ADMM: no hard mask until `end`; Z carries the constraints meanwhile
+            self._admm_reset()
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, LayerState]:
+        """Bake the constraints into the weights (masks, final codebooks) and return their state."""
+        weights = {n: p.detach() for n, p in self.params.items()}
+        projected, states = project(weights, self.plans, self.libraries or None)
+        if self.cfg.codebook == "fixed":  # bake the held codebooks instead of a final refit
+            for n, book in self.codebooks.items():
+                projected[n] = self._quantized(n, weights[n] * states[n].mask, book)
+                states[n].codebook = book
+        for n, w in projected.items():
+            self.params[n].copy_(w)
+        self.masks = {n: s.mask for n, s in states.items()}
+        self.codebooks = {n: s.codebook for n, s in states.items() if s.codebook is not None}
+        self.final = True
+        return states
+
+    # -- state updates -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_masks(self, progress: float) -> None:
+        plans = plans_at(self.plans, progress, self.cfg.schedule)
+        _, states = project({n: p.detach() for n, p in self.params.items()}, plans, self.libraries or None)
+        changed = 0
+        for n, s in states.items():
+            mask = s.mask & self.base_masks[n]
+            changed += int((mask != self.masks[n]).sum())
+            self.masks[n] = mask
+            if s.library is not None:
+                self.libraries.setdefault(n, s.library)  # a library is chosen once per stage
+            if s.codebook is not None and (n not in self.codebooks or self.cfg.codebook == "refit"):
+                self.codebooks[n] = s.codebook
+        self.stats["mask_updates"] += 1
+        self.stats["mask_changes"] += changed
+        self.final = progress >= 1.0
+        self._apply_masks()
+
+    def _apply_masks(self) -> None:
+        for n, p in self.params.items():
+            p.detach().mul_(self.masks[n])
+            if self.optimizer is not None:  # momentum / Adam moments of pruned weights are dropped too
+                for v in self.optimizer.state.get(p, {}).values():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                        v.mul_(self.masks[n])
+
+    def _admm_reset(self) -> None:
+        self.Z, _ = project({n: p.detach() for n, p in self.params.items()}, self.plans, self.libraries or None)
+        self.U = {n: torch.zeros_like(p) for n, p in self.params.items()}
+
+    def _admm_update(self) -> None:
+        w_plus_u = {n: p.detach() + self.U[n] for n, p in self.params.items()}
+        z, states = project(w_plus_u, self.plans, self.libraries or None)
+        for n, s in states.items():
+            if s.library is not None:
+                self.libraries.setdefault(n, s.library)
+        for n, p in self.params.items():
+            self.Z[n] = z[n].to(p.dtype)
+            self.U[n].add_(p.detach() - self.Z[n])
+        self.rho = min(self.rho * self.cfg.admm.growth, self.cfg.admm.rho_max)
+        self.stats["admm_updates"] += 1
+
+    def admm_residual(self) -> float:
+        """‖W − Z‖ / ‖W‖ over all constrained weights (ADMM's primal residual, relative)."""
+        if not self.Z:
+            return 0.0
+        num = sum(float((p.detach() - self.Z[n]).pow(2).sum()) for n, p in self.params.items())
+        den = sum(float(p.detach().pow(2).sum()) for p in self.params.values())
+        return (num / max(den, 1e-30)) ** 0.5
+
+    def _refit(self) -> None:
+        for n in self.codebooks:
+            plan, w = self.plans[n], self.params[n].detach()
+            qp = plan.quant_parts
+            self.codebooks[n] = codebook.fit(block_view(as4d(w).float(), qp), block_view(as4d(self.masks[n]), qp),
+                                             plan.quantize.bits, plan.quantize.method, plan.quantize.iters)
+        self.stats["codebook_refits"] += 1
+
+    def _quantized(self, n: str, w: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+        plan = self.plans[n]
+        qp = plan.quant_parts
+        q_GB = codebook.apply(block_view(as4d(w).float(), qp), block_view(as4d(self.masks[n]), qp), book)
+        return block_unview(q_GB, plan.shape4, qp).reshape(w.shape).to(w.dtype)
+
+    # -- state for checkpoints and cross-rank checks ---------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"masks": dict(self.masks), "libraries": dict(self.libraries), "codebooks": dict(self.codebooks),
+                "Z": dict(self.Z), "U": dict(self.U), "rho": self.rho, "step": self.step, "final": self.final,
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n in self.params:
+            if n in state.get("masks", {}):
+                self.masks[n] = state["masks"][n].to(torch.bool).reshape(self.params[n].shape)
+        self.libraries.update({n: v for n, v in state.get("libraries", {}).items() if n in self.params})
+        self.codebooks.update({n: v for n, v in state.get("codebooks", {}).items() if n in self.plans and self.plans[n].quantize})
+        self.Z = dict(state.get("Z", {}))
+        self.U = dict(state.get("U", {}))
+        self.rho = state.get("rho", self.rho)
+        self.step = state.get("step", 0)
+        self.final = state.get("final", False)
+        self.stats.update(state.get("stats", {}))
+
+    def checksum(self) -> str:
+        """A fingerprint of masks, libraries and codebooks (equal on every rank, or a bug)."""
+        h = hashlib.sha256()
+        for group in (self.masks, self.libraries, self.codebooks):
+            for n in sorted(group):
+                h.update(n.encode())
+                h.update(group[n].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -1,0 +1,147 @@
+"""The epoch loop: optimizer and LR schedule from typed configs, one training epoch, evaluation.
+
+One step is: (adversarial inputs, if a hook is given) → ``before_forward`` → forward/backward →
+``after_backward`` → clip → optimizer step → LR step → ``after_step``. Under data parallelism the
+gradient all-reduce happens inside backward (DDP / DeepSpeed), so every rank steps identical
+weights and the constrainer's deterministic updates stay identical too.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import torch
+from torch import nn
+
+from ..config import fail
+
+
+@dataclass(slots=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    """SGD momentum (AdamW uses its betas)."""
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    clip_grad_norm: Optional[float] = None
+    """clip the global gradient norm to this, if set."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            fail("lr", f"must be > 0 (got {self.lr})")
+        if self.weight_decay < 0:
+            fail("weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", f"must be in [0, 1) (got {self.momentum})")
+
+
+@dataclass(slots=True)
+class LRConfig:
+    name: Literal["cosine", "constant", "step"] = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    """cosine: the LR ends at lr × this."""
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """step: fractions of the stage where the LR is multiplied by ``gamma``."""
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            fail("warmup_epochs", f"must be >= 0 (got {self.warmup_epochs})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", f"must be in [0, 1] (got {self.min_lr_ratio})")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # no weight decay on biases and norm parameters (1-D), the usual practice
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: LRConfig, steps_per_epoch: int, epochs: int):
+    total = max(1, steps_per_epoch * epochs)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        if cfg.name == "cosine":
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        if cfg.name == "step":
+            return cfg.gamma ** sum(t >= m for m in cfg.milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class Hooks:
+    """Optional callables the loop calls; the pipeline fills them (adversarial inputs, logging)."""
+
+    make_inputs: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    on_step: Optional[Callable[[dict], None]] = None
+
+
+def train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, sched, constrainer=None,
+                hooks: Optional[Hooks] = None, autocast_dtype: Optional[torch.dtype] = None,
+                clip: Optional[float] = None) -> dict:
+    """One pass over ``loader``; returns the epoch's mean loss, accuracy, images/s and steps."""
+    hooks = hooks or Hooks()
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    t0, n_seen, loss_sum, correct, steps = time.perf_counter(), 0, 0.0, 0, 0
+    for x, y in loader:
+        if hooks.make_inputs is not None:
+            x = hooks.make_inputs(model, x, y)
+        if constrainer is not None:
+            constrainer.before_forward()
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x)
+            loss = loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if constrainer is not None:
+            constrainer.after_backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        if constrainer is not None:
+            constrainer.after_step()
+        steps += 1
+        n_seen += y.numel()
+        loss_sum += float(loss.detach()) * y.numel()
+        correct += int((out.detach().argmax(1) == y).sum())
+        if hooks.on_step is not None:
+            hooks.on_step({"loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "step": steps})
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss became {loss_sum} at step {steps}")
+    dt = time.perf_counter() - t0
+    return {"loss": loss_sum / max(n_seen, 1), "train_acc": correct / max(n_seen, 1),
+            "images_per_s": n_seen / max(dt, 1e-9), "steps": steps, "seconds": dt}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """Top-1 / top-5 accuracy and mean loss over ``loader`` (eval mode)."""
+    model.eval()
+    n, top1, top5, loss_sum = 0, 0, 0, 0.0
+    for x, y in loader:
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x)
+        loss_sum += float(nn.functional.cross_entropy(out.float(), y, reduction="sum"))
+        k = min(5, out.shape[1])
+        pred = out.topk(k, dim=1).indices
+        hit = pred == y[:, None]
+        top1 += int(hit[:, 0].sum())
+        top5 += int(hit.any(1).sum())
+        n += y.numel()
+    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "test_loss": loss_sum / max(n, 1), "test_images": n}
