@@ -6,9 +6,20 @@ STAMP  := $(VENV)/.installed
 ET     := $(BIN)/elastictrain
 DEMO   := runs/demo
 
-.PHONY: setup test demo bench clean
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data test demo demo-compress bench clean
 
 setup: $(STAMP)
+
+# Fashion-MNIST (31 MB, Debian's dataset-fashion-mnist) is the embedded default data set; it is
+# installed from the distribution's packages where apt is available and we are root.
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root"; exit 1; fi; \
+	fi
 
 # torch first (a large CUDA build; pinned in constraints.txt), then DeepSpeed without build
 # isolation (its build imports torch; isolated, pip would fetch a second torch), then the rest.
@@ -20,10 +31,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup data
 	$(BIN)/python -m pytest -q
 
-demo: setup
+# The main job: the four-stage quickstart pipeline on Fashion-MNIST, on this machine.
+demo: setup data
+	$(ET) run configs/experiments/quickstart.yaml --out $(DEMO)/quickstart
+
+# One-shot compression of VGG16 with the heaviest mixture (no training).
+demo-compress: setup
 	@mkdir -p $(DEMO)
 	$(ET) init vgg16 --out $(DEMO)/vgg16.pt
 	$(ET) compress $(DEMO)/vgg16.pt --spec configs/specs/vgg16-mixture.yaml \

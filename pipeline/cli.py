@@ -3,8 +3,6 @@ starts work, and user errors print one line (``elastictrain: error: WHERE: WHY``
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -13,24 +11,7 @@ from elastictrain import checkpoint, spec as spec_mod
 from elastictrain.accounting import format_table
 from elastictrain.config import ConfigError, to_plain
 
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(obj, path: str | Path) -> None:
-    """Write JSON atomically (temporary file + rename), so a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
-    tmp.replace(path)
+from .artifacts import json_safe, write_json
 
 
 def cmd_init(args) -> int:
@@ -56,7 +37,7 @@ def cmd_compress(args) -> int:
         raise RuntimeError("projection violates its spec: " + "; ".join(map(str, result.violations[:3])))
     out = checkpoint.compressed_checkpoint(result.state_dict, result.states, to_plain(spec),
                                            previous=ckpt if "elastic_trainer_state_dict" in ckpt else None,
-                                           extra={"report": _json_safe({k: v for k, v in result.report.items() if k != "layers"})})
+                                           extra={"report": json_safe({k: v for k, v in result.report.items() if k != "layers"})})
     checkpoint.atomic_save(out, args.out)
     if args.report:
         write_json({"checkpoint": str(args.out), "spec": str(args.spec), **result.report}, args.report)
@@ -82,6 +63,25 @@ def cmd_verify(args) -> int:
     return 1 if violations else 0
 
 
+def cmd_run(args) -> int:
+    from .config import load_cluster, load_pipeline
+    from .runner import run_pipeline
+
+    cfg = load_pipeline(args.pipeline)
+    cluster = load_cluster(args.cluster)
+    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    only = [s for s in args.stages.split(",") if s] if args.stages else None
+    reports = run_pipeline(cfg, cluster, run_dir, only)
+    final = reports[-1] if reports else None
+    if final is None:
+        print(f"{run_dir}: every stage had finished already")
+        return 0
+    print(f"\n{cfg.name}: final stage {final['stage']!r} — top-1 {final['top1']:.2%}, top-5 {final['top5']:.2%}")
+    print(format_table(final))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elastictrain", description="Train and compress DNNs under a mixture of constraints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +101,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--report", help="write the JSON compression report here")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_compress)
+
+    s = sub.add_parser("run", help="run a pipeline's stages (dense pretrain → prune → quantize → fine-tune)")
+    s.add_argument("pipeline")
+    s.add_argument("--cluster", help="cluster config (default: this machine, one process)")
+    s.add_argument("--out", help="run directory (default: runs/<pipeline name>)")
+    s.add_argument("--stages", help="comma-separated stage names to run (earlier ones must have finished)")
+    s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("verify", help="check a checkpoint's weights against a spec")
     s.add_argument("checkpoint")

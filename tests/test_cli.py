@@ -15,12 +15,21 @@ SPECS = sorted((ROOT / "configs" / "specs").glob("*.yaml"))
 BUFFERS = {"weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_structured_weight_mask", "quantization_table"}
 
 
+def _init(tmp_path_factory, name, **kw):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(name) / f"{name}.pt"
+    torch.save({"model_state_dict": build_model(name, **kw).state_dict()}, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def vgg16(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vgg") / "vgg16.pt"
-    torch.save({"model_state_dict": build_model("vgg16").state_dict()}, path)
-    return path
+    return _init(tmp_path_factory, "vgg16")
+
+
+@pytest.fixture(scope="module")
+def smallcnn(tmp_path_factory):
+    return _init(tmp_path_factory, "smallcnn", in_channels=1)
 
 
 def test_example_specs_exist():
@@ -31,7 +40,9 @@ def test_example_specs_exist():
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
-def test_compress_every_example_spec_and_verify(vgg16, spec, tmp_path, capsys):
+def test_compress_every_example_spec_and_verify(request, spec, tmp_path, capsys):
+    model = spec.stem.split("-")[0]  # every example spec is named after the model it is for
+    vgg16 = request.getfixturevalue(model)
     out, rep_path = tmp_path / "c.pt", tmp_path / "c.json"
     assert main(["compress", str(vgg16), "--spec", str(spec), "--out", str(out), "--report", str(rep_path), "--quiet"]) == 0
     assert main(["verify", str(out), "--spec", str(spec)]) == 0

@@ -1,0 +1,139 @@
+"""Batches ready for the model: on the device, augmented, normalized, sharded across ranks.
+
+For in-memory splits, :class:`BatchLoader` moves the whole uint8 split to the device once (47 MB
+for Fashion-MNIST) and builds each batch there with one gather (crop + mirror + ``pad_to``, see
+``augment``) and one normalization, so a step costs a few small kernels and no host work, no
+worker processes and no host-to-device copy of pixels. Image folders go through ``folder`` (a
+torch DataLoader). Both yield ``(x float32 B×C×S×S, y int64 B)`` on ``device`` and follow the
+sharding rule of ``shard``; call ``set_epoch(e)`` before each epoch, as with a DistributedSampler.
+
+Random numbers (the permutation, crop offsets, mirror bits) come from CPU generators seeded by
+(seed, epoch[, rank]) and are drawn once per epoch, so a run is reproducible on any device and
+the same on CPU and GPU.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .augment import normalize, pad_center, random_crop_flip
+from .datasets import DataBundle, DataConfig, InMemory, Split
+from .shard import mix_seed, shard_indices
+
+
+def default_crop_padding(side: int) -> int:
+    """4 pixels for 32×32 inputs (the usual CIFAR crop), 2 for smaller ones such as 28×28."""
+    return 4 if side >= 32 else 2
+
+
+class BatchLoader:
+    """Iterate an :class:`InMemory` split in device-resident, augmented, normalized batches.
+
+    ``train``: shuffle each epoch, take an equal shard per rank, augment if ``augment``, and drop a
+    last partial batch unless ``drop_last=False``. Otherwise: fixed order, no augmentation, and
+    every example once. ``mean``/``std`` are per channel in [0, 1] units (``DataBundle.mean``).
+    """
+
+    def __init__(self, split: InMemory, batch_size: int, device: torch.device | str, train: bool, augment: bool,
+                 hflip: bool, mean: Sequence[float], std: Sequence[float], pad_to: Optional[int] = None,
+                 crop_padding: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: Optional[bool] = None) -> None:
+        _, c, h, w = split.images.shape
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1 (got {batch_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: {rank} is not in 0..{world_size - 1}")
+        if pad_to is not None and pad_to < max(h, w):
+            raise ValueError(f"pad_to: {pad_to} is smaller than the {h}×{w} images")
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean/std: {len(mean)}/{len(std)} values for {c}-channel images")
+        if crop_padding is not None and crop_padding < 0:
+            raise ValueError(f"crop_padding: must be >= 0 (got {crop_padding})")
+        if augment and not train:
+            warnings.warn("BatchLoader: augment=True is ignored for an evaluation split (train=False)", stacklevel=2)
+        self.device = torch.device(device)
+        # once per loader; contiguous so gathers can index the flat storage
+        self.images = split.images.to(self.device).contiguous()
+        self.labels = split.labels.to(self.device)
+        self.batch_size, self.train, self.pad_to = batch_size, train, pad_to
+        self.augment = augment and train
+        self.hflip = hflip and self.augment
+        self.padding = default_crop_padding(pad_to or max(h, w)) if crop_padding is None else crop_padding
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(c, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(c, 1, 1)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.epoch = 0
+        mix_seed(seed)  # rejects a negative seed now rather than at the first epoch
+        if train and len(self) == 0:  # an evaluation shard may be empty (fewer examples than ranks)
+            raise ValueError(f"batch_size: {batch_size} is more than the {self._shard_len()} training examples"
+                             f" of rank {rank}, so an epoch would have no step")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (identical on every rank) and this rank's crops and flips."""
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        """The examples this rank visits this epoch, in order (CPU int64), before batching."""
+        return shard_indices(len(self.labels), seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world_size=self.world_size, train=self.train)
+
+    def _shard_len(self) -> int:
+        n, ws = len(self.labels), self.world_size
+        return n // ws if self.train else len(range(self.rank, n, ws))
+
+    def __len__(self) -> int:
+        m, b = self._shard_len(), self.batch_size
+        return m // b if self.drop_last else -(-m // b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        nb, b = len(self), self.batch_size
+        idx = self.indices()[: nb * b]
+        params = self._draw(len(idx)) if self.augment else None
+        idx = idx.to(self.device)
+        for i in range(nb):
+            sl = slice(i * b, (i + 1) * b)
+            if params is not None:
+                dy, dx, flip = params
+                x = random_crop_flip(self.images, idx[sl], dy[sl], dx[sl], None if flip is None else flip[sl],
+                                     self.padding, self.pad_to)
+            else:
+                x = pad_center(self.images.index_select(0, idx[sl]), self.pad_to)
+            yield normalize(x, self.mean, self.std), self.labels.index_select(0, idx[sl])
+
+    def _draw(self, m: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Crop offsets in [0, 2·padding] and mirror bits for the ``m`` examples of this epoch."""
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
+        dy_dx = torch.randint(0, 2 * self.padding + 1, (2, m), generator=g).to(self.device)
+        flip = torch.randint(0, 2, (m,), generator=g).bool().to(self.device) if self.hflip else None
+        return dy_dx[0], dy_dx[1], flip
+
+
+def make_loader(split: Split, batch_size: int, device: torch.device | str, train: bool, augment: bool, hflip: bool,
+                mean: Sequence[float], std: Sequence[float], pad_to: Optional[int] = None,
+                crop_padding: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                drop_last: Optional[bool] = None, workers: int = 2):
+    """A :class:`BatchLoader` for in-memory splits, a ``folder.FolderLoader`` for image folders."""
+    if isinstance(split, InMemory):
+        return BatchLoader(split, batch_size, device, train, augment, hflip, mean, std, pad_to, crop_padding,
+                           seed, rank, world_size, drop_last)
+    if pad_to is not None or crop_padding is not None:
+        raise ValueError("pad_to/crop_padding: only for in-memory data sets (not image folders)")
+    from .folder import FolderLoader  # keeps torchvision out of in-memory runs
+
+    return FolderLoader(split, batch_size, device, train, augment, hflip, mean, std, seed=seed, rank=rank,
+                        world_size=world_size, drop_last=drop_last, workers=workers)
+
+
+def make_loaders(bundle: DataBundle, cfg: DataConfig, device: torch.device | str, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+    """(train_loader, test_loader) for ``bundle`` as ``cfg`` says; batch sizes are per rank."""
+    common = dict(device=device, hflip=bundle.hflip, mean=bundle.mean, std=bundle.std, seed=seed, rank=rank,
+                  world_size=world_size, workers=cfg.workers)
+    if isinstance(bundle.train, InMemory):
+        common.update(pad_to=cfg.pad_to, crop_padding=cfg.crop_padding)
+    train = make_loader(bundle.train, cfg.batch_size, train=True, augment=cfg.augment, **common)
+    test = make_loader(bundle.test, cfg.eval_batch_size, train=False, augment=False, **common)
+    return train, test

@@ -1,0 +1,129 @@
+"""Pipeline and cluster configs: typed, validated on load, errors naming the field.
+
+A pipeline names the model, the data and an ordered list of stages. Each stage has its epochs,
+optimizer, LR schedule, the compression spec it must end on (a path relative to the pipeline
+file, or inline) and how the spec is enforced. The four standard stage kinds come with defaults:
+
+| kind | spec | enforce |
+|---|---|---|
+| dense_pretrain | none | — |
+| progressive_prune | required | progressive (cubic schedule) |
+| quantize | required | fixed masks, QAT with codebooks refit |
+| finetune | inherited from the previous stage when absent | fixed masks, QAT with codebooks refit |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from elastictrain.config import ConfigError, build, fail, load_yaml
+from elastictrain.data import DataConfig
+from elastictrain.spec import Spec, load as load_spec, parse as parse_spec
+from elastictrain.train import EnforceConfig, LRConfig, OptimConfig
+
+KINDS = ("dense_pretrain", "progressive_prune", "quantize", "finetune")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    name: str
+    """a zoo name (vgg16, resnet20, convnet, …) or torchvision:NAME; classes/channels come from the data."""
+
+
+@dataclass(slots=True)
+class StageConfig:
+    name: str
+    """unique within the pipeline; the stage's outputs go to RUN_DIR/<name>/."""
+    kind: Optional[Literal["dense_pretrain", "progressive_prune", "quantize", "finetune"]] = None
+    """defaults to ``name`` when that is a standard kind."""
+    epochs: int = 1
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    lr_schedule: LRConfig = field(default_factory=LRConfig)
+    spec: Union[str, Spec, None] = None
+    """compression spec: a YAML path (relative to the pipeline file) or an inline spec."""
+    enforce: Optional[EnforceConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            if self.name not in KINDS:
+                fail("kind", f"required when the stage name {self.name!r} is not one of {', '.join(KINDS)}")
+            self.kind = self.name  # type: ignore[assignment]
+        if self.epochs < 1:
+            fail("epochs", f"must be >= 1 (got {self.epochs})")
+        if self.kind == "dense_pretrain" and self.spec is not None:
+            fail("spec", "a dense_pretrain stage trains without constraints; remove the spec")
+        if self.kind in ("progressive_prune", "quantize") and self.spec is None:
+            fail("spec", f"a {self.kind} stage needs a compression spec")
+        if self.enforce is None and self.kind != "dense_pretrain":
+            self.enforce = EnforceConfig(method="progressive" if self.kind == "progressive_prune" else "fixed")
+
+
+@dataclass(slots=True)
+class PipelineConfig:
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    stages: list[StageConfig]
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on a GPU, fp32 on the CPU."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            fail("stages", "must hold at least one stage")
+        seen: set[str] = set()
+        for i, s in enumerate(self.stages):
+            if s.name in seen:
+                fail(f"stages[{i}].name", f"duplicate stage name {s.name!r}")
+            seen.add(s.name)
+
+
+@dataclass(slots=True)
+class ClusterConfig:
+    """Where stages run. ``single``: this machine, one process, no Ray (also a single-GPU box)."""
+
+    name: str = "single"
+    kind: Literal["single"] = "single"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = None
+    """torch intra-op threads on the CPU (default: torch's choice)."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            fail("threads", f"must be >= 1 (got {self.threads})")
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Parse and validate a pipeline file, loading every stage's spec (relative paths resolve
+    against the pipeline file's folder); the previous stage's spec carries into a finetune stage."""
+    path = Path(path)
+    try:
+        cfg = build(PipelineConfig, load_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    previous: Optional[Spec] = None
+    for i, stage in enumerate(cfg.stages):
+        if isinstance(stage.spec, str):
+            spec_path = Path(stage.spec) if Path(stage.spec).is_absolute() else path.parent / stage.spec
+            if not spec_path.is_file():
+                raise ConfigError(f"{path}: stages[{i}].spec: no such file {spec_path}")
+            stage.spec = load_spec(spec_path)
+        elif isinstance(stage.spec, Spec):
+            pass
+        if stage.spec is None and stage.kind == "finetune":
+            stage.spec = previous
+        previous = stage.spec if stage.spec is not None else previous
+    return cfg
+
+
+def load_cluster(path: str | Path | None) -> ClusterConfig:
+    if path is None:
+        return ClusterConfig()
+    try:
+        return build(ClusterConfig, load_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+__all__ = ["ClusterConfig", "ModelConfig", "PipelineConfig", "StageConfig", "load_cluster", "load_pipeline", "parse_spec"]

@@ -1,0 +1,72 @@
+"""Run a pipeline's stages in order on this machine (the ``single`` cluster): each stage reads the
+previous stage's checkpoint; a stage whose finished checkpoint exists is skipped, so rerunning
+the same command continues where it stopped."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from elastictrain import checkpoint
+from elastictrain.config import ConfigError
+from elastictrain.data import load as load_data
+from elastictrain.models import build_model
+
+from .config import ClusterConfig, PipelineConfig
+from .stage import Context, check_tightening, is_finished, plans_for, run_stage, stage_dir
+
+
+def _device(cluster: ClusterConfig) -> torch.device:
+    if cluster.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"cluster {cluster.name!r}: device: cuda asked for, but no GPU is visible")
+    if cluster.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cluster.device)
+
+
+def validate(cfg: PipelineConfig, num_classes: int, in_channels: int) -> None:
+    """Every stage's spec against the model's shapes, and the tightening rule — before any training."""
+    model = build_model(cfg.model.name, num_classes=num_classes, in_channels=in_channels)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    prev, prev_where = {}, ""
+    for i, stage in enumerate(cfg.stages):
+        plans = plans_for(cfg, stage, shapes, f"stages[{i}]")
+        if prev:
+            check_tightening(prev, plans, f"stages[{i}]", prev_where)
+        if plans:
+            prev, prev_where = plans, f"stages[{i}] ({stage.name})"
+
+
+def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
+                 only: Optional[list[str]] = None, log=print) -> list[dict]:
+    names = [s.name for s in cfg.stages]
+    for n in only or []:
+        if n not in names:
+            raise ConfigError(f"--stages: no stage named {n!r} (stages: {', '.join(names)})")
+    if cluster.threads:
+        torch.set_num_threads(cluster.threads)
+    device = _device(cluster)
+    bundle = load_data(cfg.data)
+    try:
+        validate(cfg, bundle.num_classes, bundle.in_channels)
+    except ConfigError as e:
+        raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
+    autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
+    ctx = Context(cfg, bundle, device, autocast, run_dir, log=log)
+    reports, previous = [], None
+    for i, stage in enumerate(cfg.stages):
+        path = stage_dir(ctx, stage) / "checkpoint.pt"
+        selected = only is None or stage.name in only
+        if is_finished(path):
+            log(f"[{stage.name}] finished earlier: {path} (skipped)")
+            previous = checkpoint.load(path)
+            continue
+        if not selected:
+            if any(n in only for n in names[i + 1:]):
+                raise ConfigError(f"--stages: stage {stage.name!r} must run first (no finished {path})")
+            continue
+        log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {device}")
+        reports.append(run_stage(ctx, i, previous))
+        previous = checkpoint.load(path)
+    return reports

@@ -1,0 +1,150 @@
+"""One pipeline stage on one process: load the previous stage, train under the stage's spec,
+bake the constraints in, evaluate, and write ``checkpoint.pt`` + ``report.json``.
+
+Everything that can be wrong with a stage is checked by ``prepare`` before any training starts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from elastictrain import checkpoint
+from elastictrain.accounting import report as accounting_report
+from elastictrain.config import ConfigError, to_plain
+from elastictrain.data import DataBundle, make_loaders
+from elastictrain.models import build_model
+from elastictrain.plan import LayerPlan, resolve
+from elastictrain.train import Constrainer, Hooks, build_optimizer, build_scheduler, evaluate, train_epoch
+from elastictrain.verify import verify
+
+from .artifacts import json_safe, write_json
+from .config import PipelineConfig, StageConfig
+
+STAGE_FORMAT = "elastictrain.stage/1"
+
+
+@dataclass
+class Context:
+    cfg: PipelineConfig
+    bundle: DataBundle
+    device: torch.device
+    autocast: Optional[torch.dtype]
+    run_dir: Path
+    world_size: int = 1
+    rank: int = 0
+    log: Callable[[str], None] = print
+
+
+def stage_dir(ctx: Context, stage: StageConfig) -> Path:
+    return ctx.run_dir / stage.name
+
+
+def is_finished(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return bool(checkpoint.load(path).get("local_dict", {}).get("finished", False))
+    except ConfigError:
+        return False  # unreadable: run the stage again
+
+
+def plans_for(cfg: PipelineConfig, stage: StageConfig, shapes: dict, where: str) -> dict[str, LayerPlan]:
+    return resolve(stage.spec, shapes, f"{where}.spec") if stage.spec is not None else {}
+
+
+def _keep_fraction(plan: LayerPlan) -> float:
+    f = 1.0
+    for s in plan.steps:
+        f *= s.fraction
+    if plan.pattern is not None:
+        f *= plan.pattern.entries / (plan.shape4[2] * plan.shape4[3])
+    return f
+
+
+def check_tightening(prev: dict[str, LayerPlan], cur: dict[str, LayerPlan], where: str, prev_where: str) -> None:
+    """A stage may tighten the previous stage's constraints, never loosen them silently."""
+    for name, p in prev.items():
+        c = cur.get(name)
+        if c is None:
+            raise ConfigError(f"{where}.spec: leaves {name} unconstrained, loosening {prev_where}")
+        if _keep_fraction(c) > _keep_fraction(p) * (1 + 1e-9):
+            raise ConfigError(f"{where}.spec: keeps {_keep_fraction(c):.4%} of {name}, more than "
+                              f"{_keep_fraction(p):.4%} under {prev_where} (a later stage may only tighten)")
+        if p.quantize is not None and (c.quantize is None or c.quantize.bits > p.quantize.bits):
+            raise ConfigError(f"{where}.spec: {name} had {p.quantize.bits}-bit codes under {prev_where}; "
+                              f"a later stage may not drop or widen them")
+
+
+def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
+    """Train stage ``index``; returns its report. ``previous`` is the previous stage's checkpoint."""
+    cfg, stage = ctx.cfg, ctx.cfg.stages[index]
+    where = f"stages[{index}]"
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed + index)
+    b = ctx.bundle
+    model = build_model(cfg.model.name, num_classes=b.num_classes, in_channels=b.in_channels).to(ctx.device)
+    if previous is not None:
+        model.load_state_dict(checkpoint.model_state(previous))
+    params = dict(model.named_parameters())
+    plans = plans_for(cfg, stage, {n: tuple(p.shape) for n, p in params.items()}, where)
+    train_loader, test_loader = make_loaders(b, cfg.data, ctx.device, seed=cfg.seed + index, rank=ctx.rank,
+                                             world_size=ctx.world_size)
+    opt = build_optimizer(model, stage.optimizer)
+    sched = build_scheduler(opt, stage.lr_schedule, len(train_loader), stage.epochs)
+    constrainer = None
+    if plans:
+        prev_state = None
+        if previous is not None:
+            buf = checkpoint.buffers(previous)
+            prev_state = {"masks": buf["weight_mask"], "libraries": buf["pattern_library"],
+                          "codebooks": buf["quantization_table"]}
+        constrainer = Constrainer(params, plans, stage.enforce, len(train_loader) * stage.epochs, prev_state)
+        constrainer.begin(opt)
+    history = []
+    for epoch in range(stage.epochs):
+        train_loader.set_epoch(epoch)
+        m = train_epoch(model, train_loader, opt, sched, constrainer, Hooks(), ctx.autocast, stage.optimizer.clip_grad_norm)
+        m.update(evaluate(model, test_loader, ctx.autocast))
+        m["epoch"] = epoch + 1
+        if constrainer is not None:
+            m["density"] = sum(int(x.sum()) for x in constrainer.masks.values()) / sum(x.numel() for x in constrainer.masks.values())
+        history.append(m)
+        ctx.log(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs} loss {m['loss']:.4f} train {m['train_acc']:.2%} "
+                f"test {m['top1']:.2%}" + (f" density {m['density']:.4f}" if "density" in m else "")
+                + f" {m['images_per_s']:.0f} img/s {m['seconds']:.1f}s")
+    states = constrainer.finish() if constrainer is not None else {}
+    final = evaluate(model, test_loader, ctx.autocast)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights = {n: sd[n] for n in plans}
+    violations = verify(plans, weights, {n: s.library for n, s in states.items() if s.library is not None})
+    if violations:  # the stage's own output must satisfy its spec; anything else is a bug
+        raise RuntimeError(f"{where}: output violates its spec: " + "; ".join(map(str, violations[:3])))
+    rep = accounting_report(sd, plans)
+    report = {"format": STAGE_FORMAT, "pipeline": cfg.name, "stage": stage.name, "kind": stage.kind,
+              "model": cfg.model.name, "data": cfg.data.name, "top1": final["top1"], "top5": final["top5"],
+              "test_loss": final["test_loss"], "world_size": ctx.world_size,
+              "seconds": time.perf_counter() - t0, "epochs": stage.epochs, "history": history,
+              "constraint_stats": constrainer.stats if constrainer else {}, **rep}
+    states_cpu = {n: _cpu_state(s) for n, s in states.items()}
+    ckpt = checkpoint.compressed_checkpoint(
+        sd, states_cpu, to_plain(stage.spec) if stage.spec is not None else None, previous=previous, epoch=stage.epochs,
+        extra={"pipeline": cfg.name, "stage": stage.name, "kind": stage.kind, "model": cfg.model.name,
+               "num_classes": b.num_classes, "in_channels": b.in_channels,
+               "optimizer_state_dict": opt.state_dict(),
+               "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})})
+    ckpt["local_dict"].update({"finished": True, "step": constrainer.step if constrainer else len(train_loader) * stage.epochs})
+    out = stage_dir(ctx, stage)
+    checkpoint.atomic_save(ckpt, out / "checkpoint.pt")
+    write_json(report, out / "report.json")
+    return report
+
+
+def _cpu_state(s):
+    from elastictrain.projection import LayerState
+    return LayerState(mask=s.mask.cpu(), unit_masks=[m.cpu() if m is not None else None for m in s.unit_masks],
+                      library=s.library.cpu() if s.library is not None else None,
+                      codebook=s.codebook.cpu() if s.codebook is not None else None)
