@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .grid import block_view
+
 
 class Packed:
     """The kept entries of each row packed to the left: ``vals_GN`` (+inf padded, in index order)
@@ -37,6 +39,39 @@ class Packed:
         out = torch.zeros_like(like_GB)
         out[self.rows, self.cols] = v_GN[self.rows, self.pos]
         return out
+
+
+class KeptIndex:
+    """Where a layer's kept weights sit, in codebook-group order — built once per mask, so a training
+    step quantizes by gathering and scattering only the kept entries (no block views, no search for
+    the kept positions). ``flat`` indexes the flattened weight; (rows, pos) the packed (G, N) layout."""
+
+    def __init__(self, mask4: torch.Tensor, parts: tuple[int, ...]):
+        idx4 = torch.arange(mask4.numel(), device=mask4.device).reshape(mask4.shape)
+        flat_GB, keep_GB = block_view(idx4, parts), block_view(mask4, parts)
+        self.rows, cols = keep_GB.nonzero(as_tuple=True)
+        self.flat = flat_GB[self.rows, cols]
+        self.G = keep_GB.shape[0]
+        self.n_G = torch.bincount(self.rows, minlength=self.G)
+        self.pos = torch.arange(self.rows.numel(), device=mask4.device) - (self.n_G.cumsum(0) - self.n_G)[self.rows]
+        self.N = max(int(self.n_G.max()) if self.G else 0, 1)
+
+    def packed(self, w: torch.Tensor) -> torch.Tensor:
+        """Kept values of ``w`` as (G, N), +inf padded."""
+        vals = torch.full((self.G, self.N), float("inf"), dtype=w.dtype, device=w.device)
+        vals[self.rows, self.pos] = w.reshape(-1)[self.flat]
+        return vals
+
+    def fit(self, w: torch.Tensor, bits: int, method: str = "kmeans", iters: int = 30) -> torch.Tensor:
+        return _fit(self.packed(w).sort(1).values, self.n_G, bits, method, iters)
+
+    @torch.no_grad()
+    def quantize_(self, w: torch.Tensor, book_GL: torch.Tensor) -> None:
+        """Write each kept entry's nearest codebook value into ``w`` in place (pruned entries untouched)."""
+        x = w.reshape(-1)[self.flat]
+        mid = (book_GL[:, 1:] + book_GL[:, :-1]) / 2
+        codes = torch.searchsorted(mid[self.rows].contiguous(), x[:, None].contiguous()).squeeze(1)
+        w.view(-1)[self.flat] = book_GL[self.rows, codes.clamp(max=book_GL.shape[1] - 1)]
 
 
 def _distinct(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,12 +144,13 @@ def _nonzero_values(book_GL: torch.Tensor, vals_GN: torch.Tensor, n_G: torch.Ten
 
 def fit(x_GB: torch.Tensor, keep_GB: torch.Tensor, bits: int, method: str = "kmeans", iters: int = 30) -> torch.Tensor:
     """One codebook of 2^bits values per row of ``x_GB``, fitted to the kept entries: (G, L)."""
-    return _fit(Packed(x_GB, keep_GB), bits, method, iters)
+    packed = Packed(x_GB, keep_GB)
+    return _fit(packed.vals_GN.sort(1).values, packed.n_G, bits, method, iters)
 
 
-def _fit(packed: Packed, bits: int, method: str, iters: int) -> torch.Tensor:
+def _fit(vals_GN: torch.Tensor, n_G: torch.Tensor, bits: int, method: str, iters: int) -> torch.Tensor:
+    """Codebooks from each group's kept values, sorted ascending and +inf padded: (G, L)."""
     L = 1 << bits
-    vals_GN, n_G = packed.vals_GN.sort(1).values, packed.n_G
     if method == "uniform":
         book = _uniform(vals_GN, n_G, L)
     elif method == "kmeans":
@@ -144,5 +180,5 @@ def quantize(x_GB: torch.Tensor, keep_GB: torch.Tensor, bits: int, method: str =
              iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit every group's codebook and quantize its kept entries: (q_GB, codebook_GL)."""
     packed = Packed(x_GB, keep_GB)
-    book = _fit(packed, bits, method, iters)
+    book = _fit(packed.vals_GN.sort(1).values, packed.n_G, bits, method, iters)
     return _apply(packed, book, x_GB), book

@@ -6,6 +6,7 @@ Everything that can be wrong with a stage is checked by ``prepare`` before any t
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -108,7 +109,8 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     for epoch in range(stage.epochs):
         train_loader.set_epoch(epoch)
         m = train_epoch(model, train_loader, opt, sched, constrainer, Hooks(), ctx.autocast, stage.optimizer.clip_grad_norm)
-        m.update(evaluate(model, test_loader, ctx.autocast))
+        with constrainer.effective() if constrainer is not None else nullcontext():
+            m.update(evaluate(model, test_loader, ctx.autocast))  # what the model is, not its latent weights
         m["epoch"] = epoch + 1
         if constrainer is not None:
             m["density"] = sum(int(x.sum()) for x in constrainer.masks.values()) / sum(x.numel() for x in constrainer.masks.values())

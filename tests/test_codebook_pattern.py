@@ -67,3 +67,19 @@ def test_quantize_equals_fit_then_apply_and_keeps_dtype():
     assert q.dtype == torch.float64 and torch.equal(book, codebook.fit(x, keep, bits=3))
     assert torch.equal(q, codebook.apply(x, keep, book))
     assert torch.equal(q != 0, keep)
+
+
+def test_kept_index_matches_block_view_path():
+    from elastictrain.grid import block_unview, block_view
+    torch.manual_seed(1)
+    w4 = torch.randn(8, 6, 3, 3)
+    mask4 = torch.rand(8, 6, 3, 3) > 0.7
+    w4 = w4 * mask4
+    parts = (4, 2, 1, 1)
+    idx = codebook.KeptIndex(mask4, parts)
+    book = idx.fit(w4, bits=2)
+    assert torch.equal(book, codebook.fit(block_view(w4, parts), block_view(mask4, parts), bits=2))
+    q = w4.clone()
+    idx.quantize_(q, book)
+    ref = block_unview(codebook.apply(block_view(w4, parts), block_view(mask4, parts), book), w4.shape, parts)
+    assert torch.equal(q, ref)

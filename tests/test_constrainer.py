@@ -150,3 +150,12 @@ def test_same_weights_give_same_state_checksum():
     train(*a[0:1], a[2], a[3], 30)
     train(*b[0:1], b[2], b[3], 30)
     assert a[3].checksum() == b[3].checksum()
+
+
+def test_effective_weights_for_evaluation_are_quantized_then_restored():
+    net, plans, opt, c = setup("fixed", steps=10)
+    latent = net.fc.weight.detach().clone()
+    with c.effective():
+        q = net.fc.weight.detach().clone()
+    assert q[q != 0].unique().numel() <= 8 and not torch.equal(q, latent)
+    assert torch.equal(net.fc.weight.detach(), latent)

@@ -1,4 +1,7 @@
 """Property tests: every kind and every mixture satisfies its constraints exactly (checked by the
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*equal counts need whole units")
 independent ``verify`` and by direct counts), is idempotent, and — for unstructured and
 structured pruning — keeps exactly the largest units."""
 import torch

@@ -17,6 +17,7 @@ the weights — which is what lets the distributed layer check ranks with a chec
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from .. import codebook
 from ..config import fail
-from ..grid import as4d, block_unview, block_view
+from ..grid import as4d
 from ..plan import LayerPlan
 from ..projection import LayerState, project
 from ..schedule import Schedule, plans_at
@@ -89,6 +90,8 @@ class Constrainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.stats = {"mask_updates": 0, "mask_changes": 0, "codebook_refits": 0, "admm_updates": 0}
         self._latent: dict[str, torch.Tensor] = {}
+        self._kept: dict[str, codebook.KeptIndex] = {}
+        self._fmask: dict[str, torch.Tensor] = {}
         if state:
             self.load_state_dict(state)
         # a stage never revives what an earlier stage pruned: every new mask is cut by these
@@ -101,20 +104,19 @@ class Constrainer:
             return
         for n, book in self.codebooks.items():
             p = self.params[n]
-            self._latent[n] = p.detach().clone()
-            p.copy_(self._quantized(n, p.detach(), book))
+            idx = self._kept_index(n)
+            self._latent[n] = p.detach().view(-1)[idx.flat]  # only kept entries differ from Q(W)
+            idx.quantize_(p.detach(), book)
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        for n, latent in self._latent.items():
-            self.params[n].copy_(latent)
-        self._latent.clear()
+        self._restore_latent()
         for n, p in self.params.items():
             if p.grad is None:
                 continue
             if self.Z:  # ADMM: d/dW of ρ/2‖W − Z + U‖²
                 p.grad.add_(p.detach() - self.Z[n] + self.U[n], alpha=self.rho)
-            p.grad.mul_(self.masks[n])
+            p.grad.mul_(self._float_mask(n, p))
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -131,6 +133,21 @@ class Constrainer:
                 self._admm_update()
         if self.final and self.codebooks and cfg.codebook == "refit" and self.step % cfg.refit_every == 0:
             self._refit()
+
+    def _restore_latent(self) -> None:
+        for n, latent in self._latent.items():
+            self.params[n].detach().view(-1)[self._kept[n].flat] = latent
+        self._latent.clear()
+
+    @contextmanager
+    def effective(self):
+        """Within this block the model holds its effective (quantized) weights — for evaluation."""
+        self.before_forward()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self._restore_latent()
 
     # -- stage boundaries --------------------------------------------------------------------------
     @torch.no_grad()
@@ -159,6 +176,8 @@ class Constrainer:
             self.params[n].copy_(w)
         self.masks = {n: s.mask for n, s in states.items()}
         self.codebooks = {n: s.codebook for n, s in states.items() if s.codebook is not None}
+        self._kept.clear()
+        self._fmask.clear()
         self.final = True
         return states
 
@@ -178,13 +197,18 @@ class Constrainer:
                 self.codebooks[n] = s.codebook
         self.stats["mask_updates"] += 1
         self.stats["mask_changes"] += changed
+        self._kept.clear()
+        self._fmask.clear()
         self.final = progress >= 1.0
-        self._apply_masks()
+        self._apply_masks(optimizer_state=True)
 
-    def _apply_masks(self) -> None:
+    def _apply_masks(self, optimizer_state: bool = False) -> None:
+        """Pruned weights to exactly 0 (every step: cheap, and robust to any optimizer). With
+        ``optimizer_state`` (when masks change) momentum / Adam moments of pruned weights are
+        dropped too; afterwards their gradients are 0, so those moments stay 0."""
         for n, p in self.params.items():
-            p.detach().mul_(self.masks[n])
-            if self.optimizer is not None:  # momentum / Adam moments of pruned weights are dropped too
+            p.detach().mul_(self._float_mask(n, p))
+            if optimizer_state and self.optimizer is not None:
                 for v in self.optimizer.state.get(p, {}).values():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
                         v.mul_(self.masks[n])
@@ -215,17 +239,27 @@ class Constrainer:
 
     def _refit(self) -> None:
         for n in self.codebooks:
-            plan, w = self.plans[n], self.params[n].detach()
-            qp = plan.quant_parts
-            self.codebooks[n] = codebook.fit(block_view(as4d(w).float(), qp), block_view(as4d(self.masks[n]), qp),
-                                             plan.quantize.bits, plan.quantize.method, plan.quantize.iters)
+            q = self.plans[n].quantize
+            self.codebooks[n] = self._kept_index(n).fit(self.params[n].detach().float(), q.bits, q.method, q.iters)
         self.stats["codebook_refits"] += 1
 
+    def _float_mask(self, n: str, p: torch.Tensor) -> torch.Tensor:
+        """The mask in the weight's dtype, cached: multiplying by a bool mask converts it every time."""
+        m = self._fmask.get(n)
+        if m is None or m.dtype != p.dtype:
+            m = self._fmask[n] = self.masks[n].to(p.dtype)
+        return m
+
+    def _kept_index(self, n: str) -> codebook.KeptIndex:
+        """Cached per mask: rebuilt only after the mask changes."""
+        if n not in self._kept:
+            self._kept[n] = codebook.KeptIndex(as4d(self.masks[n]), self.plans[n].quant_parts)
+        return self._kept[n]
+
     def _quantized(self, n: str, w: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-        plan = self.plans[n]
-        qp = plan.quant_parts
-        q_GB = codebook.apply(block_view(as4d(w).float(), qp), block_view(as4d(self.masks[n]), qp), book)
-        return block_unview(q_GB, plan.shape4, qp).reshape(w.shape).to(w.dtype)
+        q = w.clone()
+        self._kept_index(n).quantize_(q, book)
+        return q
 
     # -- state for checkpoints and cross-rank checks ---------------------------------------------------
     def state_dict(self) -> dict:
@@ -245,6 +279,8 @@ class Constrainer:
         self.step = state.get("step", 0)
         self.final = state.get("final", False)
         self.stats.update(state.get("stats", {}))
+        self._kept.clear()
+        self._fmask.clear()
 
     def checksum(self) -> str:
         """A fingerprint of masks, libraries and codebooks (equal on every rank, or a bug)."""

@@ -1,0 +1,121 @@
+"""Benchmark: training-step time under constraints over the dense step, same model, same stack.
+
+Run from the repository root:
+
+    .venv/bin/python bench/overhead.py [--model smallcnn] [--steps 20] [--rounds 7]
+
+Variants (each its own model copy and SGD optimizer, same batch, same seed):
+  * dense — forward, backward, SGD step;
+  * qat-mixture — the heaviest mixture of the quickstart (patterns + kernel pruning, balanced
+    64× pruning, 2-bit codes with up to 64 codebooks per layer) in its quantize-stage steady state:
+    masks held, quantized forward (STE), gradient masking, re-masking, codebooks refit every 50 steps;
+  * progressive-prune — the pruning part with masks recomputed every 50 steps (cubic schedule).
+Rounds interleave the variants (dense, qat, progressive, dense, …) so machine noise hits all of
+them alike; each round times ``--steps`` steps of each, and the ratio is taken per round and its
+median reported. Inputs are a fixed random batch of Fashion-MNIST's shape (step time does not
+depend on pixel values). Writes bench/results/overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.machine import describe  # noqa: E402
+from elastictrain.models import build_model  # noqa: E402
+from elastictrain.plan import resolve  # noqa: E402
+from elastictrain.spec import load  # noqa: E402
+from elastictrain.train import Constrainer, EnforceConfig, OptimConfig, build_optimizer  # noqa: E402
+
+SPECS = {"smallcnn": ("configs/specs/smallcnn-mixture.yaml", "configs/specs/smallcnn-prune.yaml")}
+TARGET = 1.05
+
+
+def variant(name: str, model_name: str, spec_path: str | None, enforce: EnforceConfig | None, steps_total: int):
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=10, in_channels=1)
+    opt = build_optimizer(model, OptimConfig(lr=0.01))
+    c = None
+    if spec_path:
+        plans = resolve(load(ROOT / spec_path), {n: tuple(p.shape) for n, p in model.named_parameters()}, spec_path)
+        c = Constrainer(dict(model.named_parameters()), plans, enforce, steps_total)
+        c.begin(opt)
+    return {"name": name, "model": model, "opt": opt, "c": c, "per_step_s": []}
+
+
+def run_steps(v, x, y, steps: int) -> float:
+    model, opt, c = v["model"], v["opt"], v["c"]
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if c:
+            c.before_forward()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if c:
+            c.after_backward()
+        opt.step()
+        if c:
+            c.after_step()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smallcnn", choices=sorted(SPECS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20, help="steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/overhead.json"))
+    args = ap.parse_args(argv)
+    mixture, prune = SPECS[args.model]
+    total = args.steps * (args.rounds + 1)
+    variants = [
+        variant("dense", args.model, None, None, total),
+        variant("qat-mixture", args.model, mixture, EnforceConfig(method="fixed", codebook="refit", refit_every=50), total),
+        variant("progressive-prune", args.model, prune, EnforceConfig(method="progressive", update_every=50, end=1.0), total),
+    ]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    for v in variants:  # warm-up round (allocator, first refit), not counted
+        run_steps(v, x, y, args.steps)
+    for _ in range(args.rounds):
+        for v in variants:
+            v["per_step_s"].append(run_steps(v, x, y, args.steps))
+    dense = variants[0]["per_step_s"]
+    rows = []
+    for v in variants:
+        ratios = [t / d for t, d in zip(v["per_step_s"], dense)]
+        rows.append({"variant": v["name"], "median_step_ms": 1e3 * statistics.median(v["per_step_s"]),
+                     "ratio_to_dense_median": statistics.median(ratios), "ratios": ratios,
+                     "per_step_s": v["per_step_s"], "stats": v["c"].stats if v["c"] else {}})
+    m = describe()
+    print(f"### Training-step overhead — {args.model}, batch {args.batch}, {args.rounds} rounds × {args.steps} steps; "
+          f"{m['cpu_model']}, {m['logical_cores']} cores, {m['torch_threads']} threads; target ≤ {TARGET}× dense\n")
+    print("| variant | median step (ms) | step / dense (median of per-round ratios) |")
+    print("|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['median_step_ms']:.2f} | {r['ratio_to_dense_median']:.3f}× |")
+    qat = rows[1]["ratio_to_dense_median"]
+    print(f"\nheaviest mixture (QAT) {qat:.3f}× dense: target {'MET' if qat <= TARGET else 'NOT MET'}")
+    result = {"machine": m, "model": args.model, "batch": args.batch, "steps_per_round": args.steps,
+              "rounds": args.rounds, "specs": {"qat-mixture": mixture, "progressive-prune": prune},
+              "target_ratio": TARGET, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {Path(args.out).relative_to(ROOT)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
