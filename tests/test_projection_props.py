@@ -1,9 +1,7 @@
 """Property tests: every kind and every mixture satisfies its constraints exactly (checked by the
-import pytest
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*equal counts need whole units")
 independent ``verify`` and by direct counts), is idempotent, and — for unstructured and
 structured pruning — keeps exactly the largest units."""
+import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
@@ -15,6 +13,8 @@ from elastictrain.spec import parse
 from elastictrain.verify import verify
 
 from helpers import coarser_grids, grids, largest_kept, loop_block_view, shape4, shapes, weights
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*equal counts need whole units")
 
 ratios = st.floats(1.0, 40.0, allow_nan=False)
 
