@@ -22,12 +22,13 @@ data:
 	fi
 
 # torch first (a large CUDA build; pinned in constraints.txt), then DeepSpeed without build
-# isolation (its build imports torch; isolated, pip would fetch a second torch), then the rest.
+# isolation (its build imports torch; isolated, pip would fetch a second torch) and with its CPU
+# shared-memory collective compiled now rather than at the first run (~60 s), then the rest.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "setuptools>=64" wheel
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed
+	DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 

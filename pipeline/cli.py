@@ -71,7 +71,7 @@ def cmd_run(args) -> int:
     cluster = load_cluster(args.cluster)
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     only = [s for s in args.stages.split(",") if s] if args.stages else None
-    reports = run_pipeline(cfg, cluster, run_dir, only)
+    reports = run_pipeline(cfg, cluster, run_dir, only, pipeline_path=Path(args.pipeline))
     final = reports[-1] if reports else None
     if final is None:
         print(f"{run_dir}: every stage had finished already")
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a pipeline's stages (dense pretrain → prune → quantize → fine-tune)")
     s.add_argument("pipeline")
-    s.add_argument("--cluster", help="cluster config (default: this machine, one process)")
+    s.add_argument("--cluster", help="cluster config (default: configs/clusters/local.yaml — in-process Ray, 2 workers)")
     s.add_argument("--out", help="run directory (default: runs/<pipeline name>)")
     s.add_argument("--stages", help="comma-separated stage names to run (earlier ones must have finished)")
     s.set_defaults(fn=cmd_run)

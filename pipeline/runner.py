@@ -3,6 +3,7 @@ previous stage's checkpoint; a stage whose finished checkpoint exists is skipped
 the same command continues where it stopped."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,11 @@ from .stage import Context, check_tightening, is_finished, plans_for, run_stage,
 
 
 def _device(cluster: ClusterConfig) -> torch.device:
-    if cluster.device == "cuda" and not torch.cuda.is_available():
+    local_ray = cluster.kind == "ray" and cluster.ray.address == "local"
+    if local_ray and cluster.ray.gpus_per_worker > 0 and torch.cuda.device_count() < cluster.ray.num_workers * cluster.ray.gpus_per_worker:
+        raise ConfigError(f"cluster {cluster.name!r}: ray.gpus_per_worker: {cluster.ray.gpus_per_worker} × "
+                          f"{cluster.ray.num_workers} workers asked for, but {torch.cuda.device_count()} GPUs are visible")
+    if cluster.device == "cuda" and not torch.cuda.is_available() and (cluster.kind == "single" or local_ray):
         raise ConfigError(f"cluster {cluster.name!r}: device: cuda asked for, but no GPU is visible")
     if cluster.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,12 +44,16 @@ def validate(cfg: PipelineConfig, num_classes: int, in_channels: int) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
-                 only: Optional[list[str]] = None, log=print) -> list[dict]:
+                 only: Optional[list[str]] = None, log=print, pipeline_path: Optional[Path] = None) -> list[dict]:
+    """Run the stages in order on ``cluster``; ``pipeline_path`` (the file ``cfg`` came from) is
+    what Ray workers load — they parse and validate it again on their side."""
     names = [s.name for s in cfg.stages]
     for n in only or []:
         if n not in names:
             raise ConfigError(f"--stages: no stage named {n!r} (stages: {', '.join(names)})")
-    if cluster.threads:
+    if cluster.kind == "ray" and pipeline_path is None:
+        raise ValueError("run_pipeline: a ray cluster needs pipeline_path (workers load the file)")
+    if cluster.threads and cluster.kind == "single":
         torch.set_num_threads(cluster.threads)
     device = _device(cluster)
     bundle = load_data(cfg.data)
@@ -66,7 +75,15 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
             if any(n in only for n in names[i + 1:]):
                 raise ConfigError(f"--stages: stage {stage.name!r} must run first (no finished {path})")
             continue
-        log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {device}")
-        reports.append(run_stage(ctx, i, previous))
+        if cluster.kind == "ray":
+            from jobs.ray_train import run_stage_on_ray
+
+            log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {cluster.ray.num_workers} Ray Train workers "
+                f"(DeepSpeed ZeRO-{cluster.deepspeed.zero_stage})")
+            run_stage_on_ray(pipeline_path, cluster, run_dir, i, stage.name, cfg.name)
+            reports.append(json.loads((stage_dir(ctx, stage) / "report.json").read_text()))
+        else:
+            log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {device}")
+            reports.append(run_stage(ctx, i, previous))
         previous = checkpoint.load(path)
     return reports

@@ -19,13 +19,18 @@ from elastictrain.config import ConfigError, to_plain
 from elastictrain.data import DataBundle, make_loaders
 from elastictrain.models import build_model
 from elastictrain.plan import LayerPlan, resolve
-from elastictrain.train import Constrainer, Hooks, build_optimizer, build_scheduler, evaluate, train_epoch
+from elastictrain.train import Constrainer, Hooks, TorchStepper, build_optimizer, build_scheduler, evaluate, train_epoch
 from elastictrain.verify import verify
 
 from .artifacts import json_safe, write_json
 from .config import PipelineConfig, StageConfig
 
 STAGE_FORMAT = "elastictrain.stage/1"
+
+
+def torch_engine(model, opt, sched, stage: StageConfig, constrainer):
+    """The single-process engine: the model itself for forward, a TorchStepper for the step."""
+    return model, TorchStepper(model, opt, sched, stage.optimizer.clip_grad_norm)
 
 
 @dataclass
@@ -38,6 +43,11 @@ class Context:
     world_size: int = 1
     rank: int = 0
     log: Callable[[str], None] = print
+    make_engine: Callable = torch_engine
+    """(model, optimizer, scheduler, stage, constrainer) → (forward module, stepper); ``jobs``
+    passes one that wraps the model in a DeepSpeed engine."""
+    reduce_metrics: Callable[[dict], dict] = lambda m: m
+    """sums / averages per-rank metrics across ranks (identity on one process)."""
 
 
 def stage_dir(ctx: Context, stage: StageConfig) -> Path:
@@ -104,13 +114,16 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
             prev_state = {"masks": buf["weight_mask"], "libraries": buf["pattern_library"],
                           "codebooks": buf["quantization_table"]}
         constrainer = Constrainer(params, plans, stage.enforce, len(train_loader) * stage.epochs, prev_state)
+    forward, stepper = ctx.make_engine(model, opt, sched, stage, constrainer)
+    if constrainer is not None:
         constrainer.begin(opt)
     history = []
     for epoch in range(stage.epochs):
         train_loader.set_epoch(epoch)
-        m = train_epoch(model, train_loader, opt, sched, constrainer, Hooks(), ctx.autocast, stage.optimizer.clip_grad_norm)
+        m = train_epoch(forward, train_loader, stepper, constrainer, Hooks(), ctx.autocast)
         with constrainer.effective() if constrainer is not None else nullcontext():
             m.update(evaluate(model, test_loader, ctx.autocast))  # what the model is, not its latent weights
+        m = ctx.reduce_metrics(m)
         m["epoch"] = epoch + 1
         if constrainer is not None:
             m["density"] = sum(int(x.sum()) for x in constrainer.masks.values()) / sum(x.numel() for x in constrainer.masks.values())
@@ -119,7 +132,7 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
                 f"test {m['top1']:.2%}" + (f" density {m['density']:.4f}" if "density" in m else "")
                 + f" {m['images_per_s']:.0f} img/s {m['seconds']:.1f}s")
     states = constrainer.finish() if constrainer is not None else {}
-    final = evaluate(model, test_loader, ctx.autocast)
+    final = ctx.reduce_metrics(evaluate(model, test_loader, ctx.autocast))
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights = {n: sd[n] for n in plans}
     violations = verify(plans, weights, {n: s.library for n, s in states.items() if s.library is not None})
@@ -139,9 +152,10 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
                "optimizer_state_dict": opt.state_dict(),
                "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})})
     ckpt["local_dict"].update({"finished": True, "step": constrainer.step if constrainer else len(train_loader) * stage.epochs})
-    out = stage_dir(ctx, stage)
-    checkpoint.atomic_save(ckpt, out / "checkpoint.pt")
-    write_json(report, out / "report.json")
+    if ctx.rank == 0:  # every rank holds the same weights and state; one writes
+        out = stage_dir(ctx, stage)
+        checkpoint.atomic_save(ckpt, out / "checkpoint.pt")
+        write_json(report, out / "report.json")
     return report
 
 

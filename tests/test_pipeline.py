@@ -21,6 +21,7 @@ from pipeline.config import load_cluster, load_pipeline
 from pipeline.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+SINGLE = ROOT / "configs" / "clusters" / "single.yaml"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
                                 reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make test does it)")
@@ -55,7 +56,7 @@ def tiny_pipeline(tmp: Path, **over) -> Path:
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     path = tiny_pipeline(tmp)
-    reports = run_pipeline(load_pipeline(path), load_cluster(None), tmp / "out", log=lambda s: None)
+    reports = run_pipeline(load_pipeline(path), load_cluster(SINGLE), tmp / "out", log=lambda s: None)
     return tmp, path, reports
 
 
@@ -121,7 +122,7 @@ def test_rerun_skips_finished_stages(run):
     ck = tmp / "out" / "quantize" / "checkpoint.pt"
     before = (ck.stat().st_mtime_ns, ck.read_bytes())
     lines = []
-    assert run_pipeline(load_pipeline(path), load_cluster(None), tmp / "out", log=lines.append) == []
+    assert run_pipeline(load_pipeline(path), load_cluster(SINGLE), tmp / "out", log=lines.append) == []
     assert sum("(skipped)" in line for line in lines) == 4
     assert (ck.stat().st_mtime_ns, ck.read_bytes()) == before
 
@@ -129,7 +130,7 @@ def test_rerun_skips_finished_stages(run):
 def test_stages_option_needs_earlier_stages(tmp_path):
     path = tiny_pipeline(tmp_path)
     with pytest.raises(ConfigError, match="--stages: stage 'dense_pretrain' must run first"):
-        run_pipeline(load_pipeline(path), load_cluster(None), tmp_path / "out", only=["quantize"])
+        run_pipeline(load_pipeline(path), load_cluster(SINGLE), tmp_path / "out", only=["quantize"])
 
 
 def test_a_stage_that_loosens_the_previous_one_is_refused_before_training(tmp_path):
@@ -139,7 +140,7 @@ def test_a_stage_that_loosens_the_previous_one_is_refused_before_training(tmp_pa
     cfg["stages"][2]["spec"] = loose
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=r"stages\[2\].spec: keeps .* under stages\[1\] \(progressive_prune\) \(a later stage may only tighten\)"):
-        run_pipeline(load_pipeline(path), load_cluster(None), tmp_path / "out")
+        run_pipeline(load_pipeline(path), load_cluster(SINGLE), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import nn
@@ -92,6 +92,10 @@ class Constrainer:
         self._latent: dict[str, torch.Tensor] = {}
         self._kept: dict[str, codebook.KeptIndex] = {}
         self._fmask: dict[str, torch.Tensor] = {}
+        self._hooks: list = []
+        self.listeners: list[Callable[["Constrainer", str], None]] = []
+        """called after every state update with its kind ("masks", "codebooks", "admm"): the
+        distributed layer checks ranks here, and DeepSpeed's master weights are re-masked."""
         if state:
             self.load_state_dict(state)
         # a stage never revives what an earlier stage pruned: every new mask is cut by these
@@ -111,12 +115,13 @@ class Constrainer:
     @torch.no_grad()
     def after_backward(self) -> None:
         self._restore_latent()
-        for n, p in self.params.items():
-            if p.grad is None:
-                continue
-            if self.Z:  # ADMM: d/dW of ρ/2‖W − Z + U‖²
-                p.grad.add_(p.detach() - self.Z[n] + self.U[n], alpha=self.rho)
-            p.grad.mul_(self._float_mask(n, p))
+
+    def _grad_hook(self, n: str, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Runs as the gradient of ``p`` is produced — before any data-parallel reduction sees it."""
+        with torch.no_grad():
+            if self.Z:  # ADMM: d/dW of ρ/2‖W − Z + U‖² (W: the latent weights; no QAT during ADMM)
+                g = g + self.rho * (p.detach() - self.Z[n] + self.U[n])
+            return g * self._float_mask(n, p)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -154,6 +159,8 @@ class Constrainer:
     def begin(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Called once before the first step of a stage (after any state was loaded)."""
         self.optimizer = optimizer
+        if not self._hooks:
+            self._hooks = [p.register_hook(lambda g, n=n, p=p: self._grad_hook(n, p, g)) for n, p in self.params.items()]
         if self.step > 0:
             return  # resumed mid-stage: the state already holds what we need
         if self.cfg.method == "fixed":
@@ -172,6 +179,9 @@ class Constrainer:
             for n, book in self.codebooks.items():
                 projected[n] = self._quantized(n, weights[n] * states[n].mask, book)
                 states[n].codebook = book
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         for n, w in projected.items():
             self.params[n].copy_(w)
         self.masks = {n: s.mask for n, s in states.items()}
@@ -201,6 +211,11 @@ class Constrainer:
         self._fmask.clear()
         self.final = progress >= 1.0
         self._apply_masks(optimizer_state=True)
+        self._notify("masks")
+
+    def _notify(self, event: str) -> None:
+        for fn in self.listeners:
+            fn(self, event)
 
     def _apply_masks(self, optimizer_state: bool = False) -> None:
         """Pruned weights to exactly 0 (every step: cheap, and robust to any optimizer). With
@@ -228,6 +243,7 @@ class Constrainer:
             self.U[n].add_(p.detach() - self.Z[n])
         self.rho = min(self.rho * self.cfg.admm.growth, self.cfg.admm.rho_max)
         self.stats["admm_updates"] += 1
+        self._notify("admm")
 
     def admm_residual(self) -> float:
         """‖W − Z‖ / ‖W‖ over all constrained weights (ADMM's primal residual, relative)."""
@@ -242,6 +258,7 @@ class Constrainer:
             q = self.plans[n].quantize
             self.codebooks[n] = self._kept_index(n).fit(self.params[n].detach().float(), q.bits, q.method, q.iters)
         self.stats["codebook_refits"] += 1
+        self._notify("codebooks")
 
     def _float_mask(self, n: str, p: torch.Tensor) -> torch.Tensor:
         """The mask in the weight's dtype, cached: multiplying by a bool mask converts it every time."""

@@ -82,6 +82,27 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: LRConfig, steps_per_epoch: 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+class TorchStepper:
+    """The optimizer step of a plain (single-process or DDP) model; DeepSpeed brings its own."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched, clip: Optional[float] = None):
+        self.model, self.opt, self.sched, self.clip = model, opt, sched, clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.sched.step()
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+
 @dataclass
 class Hooks:
     """Optional callables the loop calls; the pipeline fills them (adversarial inputs, logging)."""
@@ -90,10 +111,13 @@ class Hooks:
     on_step: Optional[Callable[[dict], None]] = None
 
 
-def train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, sched, constrainer=None,
-                hooks: Optional[Hooks] = None, autocast_dtype: Optional[torch.dtype] = None,
-                clip: Optional[float] = None) -> dict:
-    """One pass over ``loader``; returns the epoch's mean loss, accuracy, images/s and steps."""
+def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Optional[Hooks] = None,
+                autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """One pass over ``loader``; returns the epoch's mean loss, accuracy, images/s and steps.
+
+    ``model`` is what the forward pass calls (a DeepSpeed engine under DeepSpeed); ``stepper``
+    owns backward and the optimizer step (``TorchStepper`` or the DeepSpeed one in ``jobs``).
+    """
     hooks = hooks or Hooks()
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -105,15 +129,11 @@ def train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, sched, con
             constrainer.before_forward()
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(x)
-            loss = loss_fn(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            loss = loss_fn(out.float(), y)
+        stepper.backward(loss)
         if constrainer is not None:
             constrainer.after_backward()
-        if clip:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        sched.step()
+        stepper.step()
         if constrainer is not None:
             constrainer.after_step()
         steps += 1
@@ -121,7 +141,7 @@ def train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, sched, con
         loss_sum += float(loss.detach()) * y.numel()
         correct += int((out.detach().argmax(1) == y).sum())
         if hooks.on_step is not None:
-            hooks.on_step({"loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "step": steps})
+            hooks.on_step({"loss": float(loss.detach()), "lr": stepper.lr, "step": steps})
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"loss became {loss_sum} at step {steps}")
     dt = time.perf_counter() - t0

@@ -1,0 +1,128 @@
+"""A DeepSpeed engine per worker: the JSON config generated from the cluster config, a stepper for
+the training loop, and the hook that keeps DeepSpeed's master weights on the constraint masks.
+
+Why the hook: under ZeRO 1–3 the optimizer updates its own fp32 master copy and writes it back
+into the model's parameters after every step. Zeroing a parameter is therefore not enough when a
+mask changes — the master copy (and the optimizer's moments) of newly pruned weights are zeroed
+through DeepSpeed's ``safe_set_full_*`` API, on every rank (it is collective under ZeRO-3). Between
+mask changes the constrainer's gradient hooks zero pruned gradients before DeepSpeed reduces them,
+so master values stay 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pipeline.config import DeepSpeedConfig, StageConfig
+
+
+def precision(ds: DeepSpeedConfig, device: torch.device) -> str:
+    if ds.precision != "auto":
+        return ds.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def ds_config(ds: DeepSpeedConfig, stage: StageConfig, batch_per_rank: int, world_size: int,
+              device: torch.device) -> dict:
+    """The DeepSpeed JSON for one stage — never kept by hand."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": batch_per_rank,
+        "gradient_accumulation_steps": ds.gradient_accumulation,
+        "train_batch_size": batch_per_rank * ds.gradient_accumulation * world_size,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        # our optimizers are torch's own SGD / AdamW (DeepSpeed's fused Adam JIT-compiles for
+        # minutes on CPU); ZeRO partitions their state like any other
+        "zero_allow_untested_optimizer": True,
+    }
+    clip = ds.gradient_clipping or stage.optimizer.clip_grad_norm
+    if clip:
+        cfg["gradient_clipping"] = clip
+    p = precision(ds, device)
+    if p == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif p == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return cfg
+
+
+class DeepSpeedStepper:
+    def __init__(self, engine, reducer=None):
+        self.engine, self.reducer = engine, reducer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        if self.reducer is not None:  # sparse-aware reduction replaces DeepSpeed's dense all-reduce
+            self.reducer()
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+def remask_master(zero_stage: int):
+    """A constrainer listener: on mask changes, zero DeepSpeed's master weights and optimizer
+    moments of pruned entries (ZeRO 1–3; under ZeRO 0 the constrainer's own masking suffices)."""
+
+    def listener(constrainer, event: str) -> None:
+        if event != "masks" or zero_stage == 0:
+            return
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+        for n, p in constrainer.params.items():
+            m = constrainer.masks[n]
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                safe_set_full_fp32_param(p, master * m.to(master.dtype))
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                try:
+                    state = safe_get_full_optimizer_state(p, key)
+                except (KeyError, AttributeError, IndexError):
+                    state = None
+                if state is not None:
+                    safe_set_full_optimizer_state(p, state * m.to(state.dtype), key)
+
+    return listener
+
+
+def engine_factory(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, device: torch.device,
+                   sparse_reduce: Optional[bool] = None):
+    """A ``Context.make_engine`` that wraps the model, optimizer and LR schedule in DeepSpeed."""
+
+    def make(model, opt, sched, stage: StageConfig, constrainer):
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                              config=ds_config(ds, stage, batch_per_rank, world_size, device))
+        reducer = None
+        if constrainer is not None:
+            constrainer.listeners.append(remask_master(ds.zero_stage))
+            if ds.sparse_reduce:
+                reducer = sparse_reducer(engine, constrainer)
+        return engine, DeepSpeedStepper(engine, reducer)
+
+    return make
+
+
+def sparse_reducer(engine, constrainer):
+    """ZeRO 0: all-reduce only the kept entries of masked gradients (one packed buffer per step)."""
+    from elastictrain.dist import SparseReducer
+
+    engine.enable_backward_allreduce = False
+    params = dict(engine.module.named_parameters())
+    state = {"reducer": None, "masks_id": None}
+
+    def reduce() -> None:
+        key = id(constrainer.masks), constrainer.stats["mask_updates"]
+        if state["masks_id"] != key:  # masks changed: rebuild the packing indices
+            state["reducer"] = SparseReducer(dict(constrainer.masks), params)
+            state["masks_id"] = key
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        state["reducer"].all_reduce_(grads)
+
+    return reduce

@@ -1,0 +1,163 @@
+"""One pipeline stage as a Ray Train job: ``TorchTrainer`` workers, each a DeepSpeed engine.
+
+Driver side (``run_stage_on_ray``): starts an in-process Ray for ``address: local`` clusters (or
+connects to a running head), launches ``num_workers`` workers and waits. Worker side
+(``worker_loop``): Ray has created the process group; the worker loads the configs and the data,
+runs the same ``pipeline.stage.run_stage`` as a single process — with a DeepSpeed engine, its
+shard of every batch, metrics summed over ranks — and checks after every constraint update that
+all ranks hold bit-identical masks, codebooks and libraries. Rank 0 writes the stage's checkpoint
+and report (shared storage) and hands the checkpoint to Ray Train through ``ray.train.report``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from elastictrain.config import build, to_plain
+from pipeline.config import ClusterConfig
+
+LOOPBACK_ENV = {
+    # Ray otherwise binds to (and tells workers) the machine's interface address
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MASTER_ADDR": "127.0.0.1",
+}
+
+
+def worker_env(cluster: ClusterConfig) -> dict:
+    env = {"OMP_NUM_THREADS": str(cluster.threads or 1)}
+    if cluster.device != "cuda" and cluster.ray.gpus_per_worker == 0:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator: gloo, no CUDA probing
+    return env
+
+
+def start_ray(cluster: ClusterConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = worker_env(cluster)
+    if cluster.ray.address == "local":
+        for k, v in {**LOOPBACK_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}.items():
+            os.environ.setdefault(k, v)
+        need = cluster.ray.num_workers * cluster.ray.cpus_per_worker + 1  # + the trainer's controller
+        ray.init(num_cpus=int(need + 0.999), num_gpus=int(cluster.ray.num_workers * cluster.ray.gpus_per_worker),
+                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
+                 log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(address=cluster.ray.address, runtime_env={"env_vars": env})
+
+
+def run_stage_on_ray(pipeline_path: Path, cluster: ClusterConfig, run_dir: Path, index: int, stage_name: str,
+                     pipeline_name: str) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    start_ray(cluster)
+    r = cluster.ray
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"pipeline": str(Path(pipeline_path).resolve()), "cluster": to_plain(cluster),
+                           "run_dir": str(Path(run_dir).resolve()), "index": index},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"{pipeline_name}-{stage_name}", storage_path=str(Path(r.storage_path).resolve())),
+    )
+    trainer.fit()
+
+
+def worker_loop(config: dict) -> None:
+    import ray.train
+
+    from elastictrain import checkpoint
+    from elastictrain.data import load as load_data
+    from pipeline.config import load_pipeline
+    from pipeline.stage import Context, run_stage, stage_dir
+
+    from .deepspeed_engine import engine_factory, precision
+
+    ctx_r = ray.train.get_context()
+    rank, world = ctx_r.get_world_rank(), ctx_r.get_world_size()
+    cluster = build(ClusterConfig, config["cluster"])
+    torch.set_num_threads(cluster.threads or 1)
+    cfg = load_pipeline(config["pipeline"])
+    index = config["index"]
+    run_dir = Path(config["run_dir"])
+    device = torch.device(f"cuda:{ctx_r.get_local_rank()}") if cluster.ray.gpus_per_worker else torch.device("cpu")
+    previous = None
+    if index > 0:
+        previous = checkpoint.load(stage_dir_for(run_dir, cfg.stages[index - 1].name) / "checkpoint.pt")
+    if precision(cluster.deepspeed, device) != "fp32":
+        raise NotImplementedError("bf16/fp16 DeepSpeed engines are not wired yet: set deepspeed.precision: fp32")
+    ctx = Context(cfg, load_data(cfg.data), device, None, run_dir, world_size=world, rank=rank,
+                  log=print if rank == 0 else (lambda s: None),
+                  make_engine=with_rank_checks(engine_factory(cluster.deepspeed, cfg.data.batch_size, world, device)),
+                  reduce_metrics=reduce_metrics)
+    report = run_stage(ctx, index, previous)
+    metrics = {k: report[k] for k in ("top1", "top5", "pruning_ratio", "nominal_compression", "seconds")}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = stage_dir(ctx, cfg.stages[index]) / "checkpoint.pt"
+            os.link(src, Path(tmp) / "checkpoint.pt") if _same_fs(src, tmp) else _copy(src, Path(tmp) / "checkpoint.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def stage_dir_for(run_dir: Path, name: str) -> Path:
+    return run_dir / name
+
+
+def _same_fs(a: Path, b: str) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def _copy(a: Path, b: Path) -> None:
+    import shutil
+    shutil.copyfile(a, b)
+
+
+def with_rank_checks(make):
+    """Wrap an engine factory so every constraint update is checked across ranks."""
+
+    def wrapped(model, opt, sched, stage, constrainer):
+        out = make(model, opt, sched, stage, constrainer)
+        if constrainer is not None:
+            constrainer.listeners.append(check_ranks)
+        return out
+
+    return wrapped
+
+
+def check_ranks(constrainer, event: str) -> None:
+    """Masks, libraries and codebooks must be bit-identical on every rank (an all-gathered
+    fingerprint, a few bytes per layer); a mismatch stops the run naming the layer and ranks."""
+    from elastictrain.dist import check_identical
+
+    check_identical(constrainer.masks, "masks")
+    check_identical(constrainer.libraries, "pattern libraries")
+    check_identical(constrainer.codebooks, "codebooks")
+
+
+def reduce_metrics(m: dict) -> dict:
+    """Per-rank metrics → global: test metrics weighted by each rank's test images, training
+    loss/accuracy averaged (equal shards), throughput summed."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return m
+    m = dict(m)
+    if "test_images" in m:
+        n = m["test_images"]
+        t = torch.tensor([m["top1"] * n, m["top5"] * n, m["test_loss"] * n, n], dtype=torch.float64)
+        dist.all_reduce(t)
+        m.update(top1=float(t[0] / t[3]), top5=float(t[1] / t[3]), test_loss=float(t[2] / t[3]), test_images=int(t[3]))
+    if "loss" in m:
+        w = dist.get_world_size()
+        t = torch.tensor([m["loss"], m["train_acc"], m["images_per_s"]], dtype=torch.float64)
+        dist.all_reduce(t)
+        m.update(loss=float(t[0] / w), train_acc=float(t[1] / w), images_per_s=float(t[2]))
+    return m
