@@ -4,7 +4,7 @@ the training loop, and the hook that keeps DeepSpeed's master weights on the con
 Why the hook: under ZeRO 1–3 the optimizer updates its own fp32 master copy and writes it back
 into the model's parameters after every step. Zeroing a parameter is therefore not enough when a
 mask changes — the master copy (and the optimizer's moments) of newly pruned weights are zeroed
-through DeepSpeed's ``safe_set_full_*`` API, on every rank (it is collective under ZeRO-3). Between
+in each rank's own fragment of the partition. Between
 mask changes the constrainer's gradient hooks zero pruned gradients before DeepSpeed reduces them,
 so master values stay 0.
 """
@@ -67,25 +67,28 @@ class DeepSpeedStepper:
 
 def remask_master(zero_stage: int):
     """A constrainer listener: on mask changes, zero DeepSpeed's master weights and optimizer
-    moments of pruned entries (ZeRO 1–3; under ZeRO 0 the constrainer's own masking suffices)."""
+    moments of pruned entries (ZeRO 1–2; under ZeRO 0 the constrainer's own masking suffices).
+
+    Each rank masks its own fragment of the fp32 partition in place (``_hp_mapping`` says which
+    slice of the flattened parameter it holds) — no collective. DeepSpeed's ``safe_get_full_*``
+    would all-reduce per parameter, but skips that on ranks holding no fragment of it, so with
+    small parameters the ranks' collectives fall out of step.
+    """
 
     def listener(constrainer, event: str) -> None:
         if event != "masks" or zero_stage == 0:
             return
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
         for n, p in constrainer.params.items():
-            m = constrainer.masks[n]
-            master = safe_get_full_fp32_param(p)
-            if master is not None:
-                safe_set_full_fp32_param(p, master * m.to(master.dtype))
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
-                try:
-                    state = safe_get_full_optimizer_state(p, key)
-                except (KeyError, AttributeError, IndexError):
-                    state = None
-                if state is not None:
-                    safe_set_full_optimizer_state(p, state * m.to(state.dtype), key)
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue  # this rank holds no part of p's master copy
+            addr = mapping.lp_fragment_address
+            keep = constrainer.masks[n].reshape(-1).narrow(0, addr.start, addr.numel)
+            frag = mapping.get_hp_fragment()
+            frag.mul_(keep.to(frag.dtype))
+            for state in (mapping.optim_fragment or {}).values():
+                if isinstance(state, torch.Tensor) and state.numel() == addr.numel:
+                    state.mul_(keep.to(state.dtype))
 
     return listener
 

@@ -34,14 +34,16 @@ def worker_env(cluster: ClusterConfig) -> dict:
 
 
 def start_ray(cluster: ClusterConfig) -> None:
+    local = cluster.ray.address == "local"
+    if local:  # before Ray is imported: it reads these when it picks the node's address
+        for k, v in {**LOOPBACK_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}.items():
+            os.environ.setdefault(k, v)
     import ray
 
     if ray.is_initialized():
         return
     env = worker_env(cluster)
-    if cluster.ray.address == "local":
-        for k, v in {**LOOPBACK_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}.items():
-            os.environ.setdefault(k, v)
+    if local:
         need = cluster.ray.num_workers * cluster.ray.cpus_per_worker + 1  # + the trainer's controller
         ray.init(num_cpus=int(need + 0.999), num_gpus=int(cluster.ray.num_workers * cluster.ray.gpus_per_worker),
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},

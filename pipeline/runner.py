@@ -51,6 +51,11 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     for n in only or []:
         if n not in names:
             raise ConfigError(f"--stages: no stage named {n!r} (stages: {', '.join(names)})")
+    if cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3:
+        constrained = [f"stages[{i}] ({s.name})" for i, s in enumerate(cfg.stages) if s.spec is not None]
+        if constrained:  # the constrainer reads whole parameters; ZeRO-3 holds shards of them
+            raise ConfigError(f"cluster {cluster.name!r}: deepspeed.zero_stage: 3 shards parameters, and constrained "
+                              f"stages ({', '.join(constrained)}) need ZeRO 0–2 in this release")
     if cluster.kind == "ray" and pipeline_path is None:
         raise ValueError("run_pipeline: a ray cluster needs pipeline_path (workers load the file)")
     if cluster.threads and cluster.kind == "single":

@@ -28,6 +28,11 @@ def vgg16(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lenet5(tmp_path_factory):
+    return _init(tmp_path_factory, "lenet5", in_channels=1)
+
+
+@pytest.fixture(scope="module")
 def smallcnn(tmp_path_factory):
     return _init(tmp_path_factory, "smallcnn", in_channels=1)
 
