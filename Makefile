@@ -8,7 +8,7 @@ DEMO   := runs/demo
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data test demo demo-compress bench clean
+.PHONY: setup data test demo demo-single demo-compress bench clean
 
 setup: $(STAMP)
 
@@ -35,9 +35,14 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup data
 	$(BIN)/python -m pytest -q
 
-# The main job: the four-stage quickstart pipeline on Fashion-MNIST, on this machine.
+# The main job: the four-stage quickstart pipeline on Fashion-MNIST, on the embedded default
+# cluster (configs/clusters/local.yaml: in-process Ray, 2 workers, each a DeepSpeed engine).
 demo: setup data
 	$(ET) run configs/experiments/quickstart.yaml --out $(DEMO)/quickstart
+
+# The same on one process, no Ray (also what a single-GPU box runs).
+demo-single: setup data
+	$(ET) run configs/experiments/quickstart.yaml --cluster configs/clusters/single.yaml --out $(DEMO)/quickstart-single
 
 # One-shot compression of VGG16 with the heaviest mixture (no training).
 demo-compress: setup

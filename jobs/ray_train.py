@@ -96,7 +96,7 @@ def worker_loop(config: dict) -> None:
         raise NotImplementedError("bf16/fp16 DeepSpeed engines are not wired yet: set deepspeed.precision: fp32")
     ctx = Context(cfg, load_data(cfg.data), device, None, run_dir, world_size=world, rank=rank,
                   log=print if rank == 0 else (lambda s: None),
-                  make_engine=with_rank_checks(engine_factory(cluster.deepspeed, cfg.data.batch_size, world, device)),
+                  make_engine=with_rank_checks(engine_factory(cluster.deepspeed, cfg.data.batch_size // world, world, device)),
                   reduce_metrics=reduce_metrics)
     report = run_stage(ctx, index, previous)
     metrics = {k: report[k] for k in ("top1", "top5", "pruning_ratio", "nominal_compression", "seconds")}

@@ -56,6 +56,9 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
         if constrained:  # the constrainer reads whole parameters; ZeRO-3 holds shards of them
             raise ConfigError(f"cluster {cluster.name!r}: deepspeed.zero_stage: 3 shards parameters, and constrained "
                               f"stages ({', '.join(constrained)}) need ZeRO 0–2 in this release")
+    if cluster.kind == "ray" and cfg.data.batch_size % cluster.ray.num_workers:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not divide over "
+                          f"ray.num_workers: {cluster.ray.num_workers} of cluster {cluster.name!r}")
     if cluster.kind == "ray" and pipeline_path is None:
         raise ValueError("run_pipeline: a ray cluster needs pipeline_path (workers load the file)")
     if cluster.threads and cluster.kind == "single":

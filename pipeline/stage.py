@@ -5,6 +5,7 @@ Everything that can be wrong with a stage is checked by ``prepare`` before any t
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -102,7 +103,9 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
         model.load_state_dict(checkpoint.model_state(previous))
     params = dict(model.named_parameters())
     plans = plans_for(cfg, stage, {n: tuple(p.shape) for n, p in params.items()}, where)
-    train_loader, test_loader = make_loaders(b, cfg.data, ctx.device, seed=cfg.seed + index, rank=ctx.rank,
+    per_rank = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // ctx.world_size,
+                                   eval_batch_size=max(1, cfg.data.eval_batch_size // ctx.world_size))
+    train_loader, test_loader = make_loaders(b, per_rank, ctx.device, seed=cfg.seed + index, rank=ctx.rank,
                                              world_size=ctx.world_size)
     opt = build_optimizer(model, stage.optimizer)
     sched = build_scheduler(opt, stage.lr_schedule, len(train_loader), stage.epochs)

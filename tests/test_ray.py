@@ -114,9 +114,9 @@ def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
                "optimizer": {"lr": 0.01, "momentum": 0.0}, "enforce": {"method": "progressive", "update_every": 5, "end": 0.5}}]
     (tmp_path / "s").mkdir()
     (tmp_path / "d").mkdir()
-    # no augmentation, no BatchNorm (LeNet-5): 2 × 100 per rank is then exactly one batch of 200
+    # no augmentation, no BatchNorm (LeNet-5): the global batch of 200 is 2 × 100 on two ranks
     single = pipeline(tmp_path / "s", model="lenet5", stages=stages, batch=200, augment=False)
-    dist = pipeline(tmp_path / "d", model="lenet5", stages=stages, batch=100, augment=False)
+    dist = pipeline(tmp_path / "d", model="lenet5", stages=stages, batch=200, augment=False)
     run(single, load_cluster(ROOT / "configs/clusters/single.yaml"), tmp_path / "s" / "out")
     run(dist, cluster(tmp_path, 0), tmp_path / "d" / "out")
     for stage in ("dense_pretrain", "progressive_prune"):

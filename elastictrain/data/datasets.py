@@ -4,7 +4,7 @@
 data:
   name: fashion-mnist       # fashion-mnist | mnist | cifar10 | cifar100 | imagefolder
   root: /usr/share/datasets/fashion-mnist   # the default for fashion-mnist only
-  batch_size: 128           # per rank
+  batch_size: 128           # the global batch: each of W ranks takes 128 / W
   pad_to: 32                # 28×28 -> 32×32 so VGG's five poolings fit
 ```
 Small data sets (IDX and CIFAR) are loaded whole as uint8 tensors (:class:`InMemory`): 47 MB for
@@ -54,9 +54,9 @@ class DataConfig:
     root: Optional[str] = None
     """folder holding the files; defaults to the Debian package's folder for fashion-mnist only."""
     batch_size: int = 128
-    """training examples per rank per step."""
+    """training examples per step over all ranks (the global batch; each of W ranks takes 1/W)."""
     eval_batch_size: int = 512
-    """test examples per rank per batch."""
+    """test examples per batch over all ranks."""
     augment: bool = True
     """random crops (and flips where they keep the label) on the training split."""
     pad_to: Optional[int] = None

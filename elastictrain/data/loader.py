@@ -129,7 +129,8 @@ def make_loader(split: Split, batch_size: int, device: torch.device | str, train
 
 def make_loaders(bundle: DataBundle, cfg: DataConfig, device: torch.device | str, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
-    """(train_loader, test_loader) for ``bundle`` as ``cfg`` says; batch sizes are per rank."""
+    """(train_loader, test_loader) for ``bundle`` as ``cfg`` says; its batch sizes are per rank here
+    (a pipeline stage divides the global batch by the world size before calling this)."""
     common = dict(device=device, hflip=bundle.hflip, mean=bundle.mean, std=bundle.std, seed=seed, rank=rank,
                   world_size=world_size, workers=cfg.workers)
     if isinstance(bundle.train, InMemory):
