@@ -11,6 +11,7 @@ and report (shared storage) and hands the checkpoint to Ray Train through ``ray.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def worker_loop(config: dict) -> None:
     device = torch.device(f"cuda:{ctx_r.get_local_rank()}") if cluster.ray.gpus_per_worker else torch.device("cpu")
     previous = None
     if index > 0:
-        previous = checkpoint.load(stage_dir_for(run_dir, cfg.stages[index - 1].name) / "checkpoint.pt")
+        previous = checkpoint.load(run_dir / cfg.stages[index - 1].name / "checkpoint.pt")
     if precision(cluster.deepspeed, device) != "fp32":
         raise NotImplementedError("bf16/fp16 DeepSpeed engines are not wired yet: set deepspeed.precision: fp32")
     ctx = Context(cfg, load_data(cfg.data), device, None, run_dir, world_size=world, rank=rank,
@@ -100,26 +101,12 @@ def worker_loop(config: dict) -> None:
                   reduce_metrics=reduce_metrics)
     report = run_stage(ctx, index, previous)
     metrics = {k: report[k] for k in ("top1", "top5", "pruning_ratio", "nominal_compression", "seconds")}
-    if rank == 0:
+    if rank == 0:  # Ray Train keeps its own copy of the checkpoint (it carries the constraint state)
         with tempfile.TemporaryDirectory() as tmp:
-            src = stage_dir(ctx, cfg.stages[index]) / "checkpoint.pt"
-            os.link(src, Path(tmp) / "checkpoint.pt") if _same_fs(src, tmp) else _copy(src, Path(tmp) / "checkpoint.pt")
+            shutil.copyfile(stage_dir(ctx, cfg.stages[index]) / "checkpoint.pt", Path(tmp) / "checkpoint.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
-
-
-def stage_dir_for(run_dir: Path, name: str) -> Path:
-    return run_dir / name
-
-
-def _same_fs(a: Path, b: str) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
-
-
-def _copy(a: Path, b: Path) -> None:
-    import shutil
-    shutil.copyfile(a, b)
 
 
 def with_rank_checks(make):

@@ -20,6 +20,7 @@ from elastictrain.config import ConfigError, to_plain
 from elastictrain.data import DataBundle, make_loaders
 from elastictrain.models import build_model
 from elastictrain.plan import LayerPlan, resolve
+from elastictrain.projection import LayerState
 from elastictrain.train import Constrainer, Hooks, TorchStepper, build_optimizer, build_scheduler, evaluate, train_epoch
 from elastictrain.verify import verify
 
@@ -162,8 +163,7 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     return report
 
 
-def _cpu_state(s):
-    from elastictrain.projection import LayerState
+def _cpu_state(s: LayerState) -> LayerState:
     return LayerState(mask=s.mask.cpu(), unit_masks=[m.cpu() if m is not None else None for m in s.unit_masks],
                       library=s.library.cpu() if s.library is not None else None,
                       codebook=s.codebook.cpu() if s.codebook is not None else None)

@@ -1,0 +1,132 @@
+"""Benchmark: constraint-layer step overhead on the distributed stack — 2 ranks, each a DeepSpeed
+engine over gloo on loopback, exactly as a Ray Train worker builds it (``jobs.deepspeed_engine``;
+Ray only launches the processes and is not on the step's path).
+
+Run from the repository root:
+
+    .venv/bin/python bench/ds_overhead.py [--steps 15] [--rounds 5]
+
+Variants per rank, interleaved round by round (SmallCNN, global batch 128 = 2 × 64):
+dense ZeRO-2; QAT mixture ZeRO-2 (``smallcnn-mixture.yaml``: masks held, quantized forward, grad
+hooks, rank check on refits every 50 steps); dense ZeRO-0; QAT mixture ZeRO-0 with sparse-aware
+reduction. Ratios are per round against the dense run of the same ZeRO stage; medians reported.
+Writes bench/results/ds_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+SPEC = "configs/specs/smallcnn-mixture.yaml"
+VARIANTS = [("dense", 2, False, False), ("qat-mixture", 2, True, False),
+            ("dense", 0, False, False), ("qat-mixture+sparse-reduce", 0, True, True)]
+
+
+def worker(rank: int, port: int, steps: int, rounds: int, out: str) -> None:
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from elastictrain.models import build_model
+    from elastictrain.plan import resolve
+    from elastictrain.spec import load
+    from elastictrain.train import Constrainer, EnforceConfig, LRConfig, OptimConfig, build_optimizer, build_scheduler
+    from jobs.deepspeed_engine import engine_factory
+    from jobs.ray_train import check_ranks
+    from pipeline.config import DeepSpeedConfig, StageConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    stage = StageConfig(name="bench", kind="finetune")
+    runs = []
+    for name, zero, constrained, sparse in VARIANTS:
+        torch.manual_seed(0)
+        model = build_model("smallcnn", num_classes=10, in_channels=1)
+        opt = build_optimizer(model, OptimConfig(lr=0.01))
+        sched = build_scheduler(opt, LRConfig(name="constant"), 100, 100)
+        c = None
+        if constrained:
+            plans = resolve(load(ROOT / SPEC), {n: tuple(p.shape) for n, p in model.named_parameters()})
+            c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="fixed", refit_every=50), 10**6)
+        make = engine_factory(DeepSpeedConfig(zero_stage=zero, sparse_reduce=sparse), 64, 2, torch.device("cpu"))
+        engine, stepper = make(model, opt, sched, stage, c)
+        if c is not None:
+            c.listeners.append(check_ranks)
+            c.begin(opt)
+        runs.append({"name": name, "zero": zero, "engine": engine, "stepper": stepper, "c": c, "t": []})
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+
+    def run(v, n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            if v["c"]:
+                v["c"].before_forward()
+            loss = torch.nn.functional.cross_entropy(v["engine"](x), y)
+            v["stepper"].backward(loss)
+            if v["c"]:
+                v["c"].after_backward()
+            v["stepper"].step()
+            if v["c"]:
+                v["c"].after_step()
+        return (time.perf_counter() - t0) / n
+
+    for v in runs:
+        run(v, 3)  # warm-up
+    for _ in range(rounds):
+        for v in runs:
+            torch.distributed.barrier()
+            v["t"].append(run(v, steps))
+    if rank == 0:
+        rows = []
+        for v in runs:
+            dense = next(d for d in runs if d["name"] == "dense" and d["zero"] == v["zero"])
+            ratios = [a / b for a, b in zip(v["t"], dense["t"])]
+            rows.append({"variant": v["name"], "zero_stage": v["zero"], "median_step_ms": 1e3 * statistics.median(v["t"]),
+                         "ratio_to_dense_median": statistics.median(ratios), "per_step_s": v["t"]})
+        Path(out).write_text(json.dumps(rows))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/ds_overhead.json"))
+    args = ap.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = Path(args.out).with_suffix(".rows.tmp")
+    mp.spawn(worker, args=(port, args.steps, args.rounds, str(tmp)), nprocs=2, join=True)
+    rows = json.loads(tmp.read_text())
+    tmp.unlink()
+    from bench.machine import describe
+
+    m = describe()
+    print(f"### Step overhead on the distributed stack — SmallCNN, 2 ranks × DeepSpeed (gloo, loopback), global batch 128; "
+          f"{m['cpu_model']}, {m['logical_cores']} cores, 1 thread per rank; target ≤ 1.05× dense\n")
+    print("| variant | ZeRO | median step (ms) | step / dense, same ZeRO (median of rounds) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['zero_stage']} | {r['median_step_ms']:.2f} | {r['ratio_to_dense_median']:.3f}× |")
+    result = {"machine": m, "model": "smallcnn", "spec": SPEC, "world_size": 2, "steps_per_round": args.steps,
+              "rounds": args.rounds, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {Path(args.out).relative_to(ROOT)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
