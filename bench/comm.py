@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -93,23 +91,15 @@ def worker(rank: int, port: int, repeats: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench/results/comm.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    tmp = Path(args.out).with_suffix(".rows.tmp")
-    mp.spawn(worker, args=(free_port(), args.repeats, str(tmp)), nprocs=2, join=True)
-    rows = json.loads(tmp.read_text())
-    tmp.unlink()
-    from bench.machine import describe
+    from bench.machine import describe, spawn_two, write_result
+
+    rows = spawn_two(worker, args.repeats, out=args.out)
 
     m = describe()
     print(f"### Communication per step and per sync — VGG16 weights, 2 ranks, gloo on loopback; {m['cpu_model']}, "
@@ -127,8 +117,7 @@ def main(argv=None) -> dict:
         print(f"{r['ratio']}×, counting biases and BatchNorm (always dense): dense {wb['dense_bytes'] / 1e6:.2f} MB, "
               f"sparse-aware {wb['sparse_bytes'] / 1e3:.1f} kB")
     result = {"machine": m, "model": "vgg16", "world_size": 2, "backend": "gloo", "repeats": args.repeats, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {Path(args.out).relative_to(ROOT)}")
+    write_result(result, args.out)
     return result
 
 

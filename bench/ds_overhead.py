@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -27,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 SPEC = "configs/specs/smallcnn-mixture.yaml"
 VARIANTS = [("dense", 2, False, False), ("qat-mixture", 2, True, False),
@@ -105,14 +103,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench/results/ds_overhead.json"))
     args = ap.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = Path(args.out).with_suffix(".rows.tmp")
-    mp.spawn(worker, args=(port, args.steps, args.rounds, str(tmp)), nprocs=2, join=True)
-    rows = json.loads(tmp.read_text())
-    tmp.unlink()
-    from bench.machine import describe
+    from bench.machine import describe, spawn_two, write_result
+
+    rows = spawn_two(worker, args.steps, args.rounds, out=args.out)
 
     m = describe()
     print(f"### Step overhead on the distributed stack — SmallCNN, 2 ranks × DeepSpeed (gloo, loopback), global batch 128; "
@@ -123,8 +116,7 @@ def main(argv=None) -> dict:
         print(f"| {r['variant']} | {r['zero_stage']} | {r['median_step_ms']:.2f} | {r['ratio_to_dense_median']:.3f}× |")
     result = {"machine": m, "model": "smallcnn", "spec": SPEC, "world_size": 2, "steps_per_round": args.steps,
               "rounds": args.rounds, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {Path(args.out).relative_to(ROOT)}")
+    write_result(result, args.out)
     return result
 
 

@@ -77,3 +77,33 @@ if __name__ == "__main__":
     import json
 
     print(json.dumps(describe(), indent=2))
+
+
+def write_result(result: dict, out) -> None:
+    """The benchmark's JSON (with ``describe()`` inside), and where it went."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def spawn_two(worker, *args, out) -> list:
+    """Run ``worker(rank, port, *args, rows_path)`` on two processes (loopback port); rank 0
+    writes its rows as JSON to ``rows_path``, which this returns."""
+    import json
+    import socket
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows_path = Path(out).with_suffix(".rows.tmp")
+    mp.spawn(worker, args=(port, *args, str(rows_path)), nprocs=2, join=True)
+    rows = json.loads(rows_path.read_text())
+    rows_path.unlink()
+    return rows

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, write_result  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
 from elastictrain.plan import resolve  # noqa: E402
 from elastictrain.spec import load  # noqa: E402
@@ -111,9 +111,7 @@ def main(argv=None) -> dict:
     result = {"machine": m, "model": args.model, "batch": args.batch, "steps_per_round": args.steps,
               "rounds": args.rounds, "specs": {"qat-mixture": mixture, "progressive-prune": prune},
               "target_ratio": TARGET, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {Path(args.out).relative_to(ROOT)}")
+    write_result(result, args.out)
     return result
 
 

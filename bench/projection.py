@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from bench.breakdown import breakdown, print_table  # noqa: E402
 from bench.loop_reference import loop_project  # noqa: E402
-from bench.machine import cpu_busy, describe  # noqa: E402
+from bench.machine import cpu_busy, describe, write_result  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
 from elastictrain.plan import resolve  # noqa: E402
 from elastictrain.projection import project  # noqa: E402
@@ -179,9 +179,7 @@ def main(argv=None) -> dict:
                    "time_met": met_time, "speedup_met": met_speed},
         "verify": checks, "loop_vs_vectorised": agree, "breakdown": bd,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out}")
+    write_result(result, args.out)
     return result
 
 
