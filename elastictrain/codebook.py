@@ -20,6 +20,14 @@ import torch
 from .grid import block_view
 
 
+def _slots(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For kept entries listed row by row (``rows`` ascending): entries per row, each entry's slot
+    in its row's packed layout, and the widest row (at least 1)."""
+    n_G = torch.bincount(rows, minlength=G)
+    pos = torch.arange(rows.numel(), device=rows.device) - (n_G.cumsum(0) - n_G)[rows]
+    return n_G, pos, max(int(n_G.max()) if G else 0, 1)
+
+
 class Packed:
     """The kept entries of each row packed to the left: ``vals_GN`` (+inf padded, in index order)
     and where each came from, so results can be scattered back. Packing first means the fit and
@@ -28,10 +36,7 @@ class Packed:
     def __init__(self, x_GB: torch.Tensor, keep_GB: torch.Tensor):
         G = x_GB.shape[0]
         self.rows, self.cols = keep_GB.nonzero(as_tuple=True)  # row-major: rows ascending
-        self.n_G = torch.bincount(self.rows, minlength=G)
-        start_G = self.n_G.cumsum(0) - self.n_G
-        self.pos = torch.arange(self.rows.numel()) - start_G[self.rows]
-        N = max(int(self.n_G.max()) if G else 0, 1)
+        self.n_G, self.pos, N = _slots(self.rows, G)
         self.vals_GN = torch.full((G, N), float("inf"), dtype=x_GB.dtype)
         self.vals_GN[self.rows, self.pos] = x_GB[self.rows, self.cols]
 
@@ -52,9 +57,7 @@ class KeptIndex:
         self.rows, cols = keep_GB.nonzero(as_tuple=True)
         self.flat = flat_GB[self.rows, cols]
         self.G = keep_GB.shape[0]
-        self.n_G = torch.bincount(self.rows, minlength=self.G)
-        self.pos = torch.arange(self.rows.numel(), device=mask4.device) - (self.n_G.cumsum(0) - self.n_G)[self.rows]
-        self.N = max(int(self.n_G.max()) if self.G else 0, 1)
+        self.n_G, self.pos, self.N = _slots(self.rows, self.G)
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:
         """Kept values of ``w`` as (G, N), +inf padded."""
@@ -68,10 +71,8 @@ class KeptIndex:
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor, book_GL: torch.Tensor) -> None:
         """Write each kept entry's nearest codebook value into ``w`` in place (pruned entries untouched)."""
-        x = w.reshape(-1)[self.flat]
-        mid = (book_GL[:, 1:] + book_GL[:, :-1]) / 2
-        codes = torch.searchsorted(mid[self.rows].contiguous(), x[:, None].contiguous()).squeeze(1)
-        w.view(-1)[self.flat] = book_GL[self.rows, codes.clamp(max=book_GL.shape[1] - 1)]
+        codes = nearest(w.reshape(-1)[self.flat][:, None], book_GL[self.rows]).squeeze(1)
+        w.view(-1)[self.flat] = book_GL[self.rows, codes]
 
 
 def _distinct(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
