@@ -7,6 +7,11 @@ mask changes — the master copy (and the optimizer's moments) of newly pruned w
 in each rank's own fragment of the partition. Between
 mask changes the constrainer's gradient hooks zero pruned gradients before DeepSpeed reduces them,
 so master values stay 0.
+
+Under ZeRO-3 a parameter's data is empty outside forward/backward; each rank holds a flat slice
+(``ds_tensor``). The constrainer is switched to a sharded layout over those slices
+(``zero3_layout``): it projects without gathering weights and writes quantized values for QAT into
+the slices, which the next forward gathers.
 """
 from __future__ import annotations
 
@@ -26,11 +31,16 @@ def precision(ds: DeepSpeedConfig, device: torch.device) -> str:
 def ds_config(ds: DeepSpeedConfig, stage: StageConfig, batch_per_rank: int, world_size: int,
               device: torch.device) -> dict:
     """The DeepSpeed JSON for one stage — never kept by hand."""
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # every parameter partitioned: a "persistent" (unpartitioned) small parameter would keep a
+        # whole copy that the constrainer's writes into the slices do not reach
+        zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
     cfg = {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": ds.gradient_accumulation,
         "train_batch_size": batch_per_rank * ds.gradient_accumulation * world_size,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         # our optimizers are torch's own SGD / AdamW (DeepSpeed's fused Adam JIT-compiles for
@@ -78,6 +88,8 @@ def remask_master(zero_stage: int):
     def listener(constrainer, event: str) -> None:
         if event != "masks" or zero_stage == 0:
             return
+        if zero_stage == 3:
+            return _remask_zero3(constrainer)
         for n, p in constrainer.params.items():
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is None:
@@ -93,6 +105,48 @@ def remask_master(zero_stage: int):
     return listener
 
 
+def _remask_zero3(constrainer) -> None:
+    """ZeRO-3: the rank's slice of the fp32 master partition and of every optimizer state."""
+    for n, p in constrainer.params.items():
+        z3 = p._z3_optimizer
+        group, offset, _ = z3.grad_position[z3.get_param_id(p)]
+        values, start = constrainer.layout.local(n)
+        keep = constrainer.masks[n].reshape(-1).narrow(0, start, values.numel())
+        flat = z3.fp32_partitioned_groups_flat[group]
+        flat.data.narrow(0, offset, keep.numel()).mul_(keep.to(flat.dtype))
+        for state in z3.optimizer.state.get(flat, {}).values():
+            if isinstance(state, torch.Tensor) and state.numel() == flat.numel():
+                state.narrow(0, offset, keep.numel()).mul_(keep.to(state.dtype))
+
+
+def zero3_layout(engine, constrainer):
+    """The constrainer's view of ZeRO-3: rank r holds elements [r·P, r·P + P) of each flattened
+    weight, P = ``ds_tensor.ds_numel`` (the last slice padded; the padding is left out)."""
+    import torch.distributed as dist
+
+    from elastictrain.dist.shards import Shard
+    from elastictrain.train.layout import Sharded
+
+    params = constrainer.params
+
+    def local(n: str) -> Shard:
+        p = params[n]
+        P = p.ds_tensor.ds_numel
+        start = P * dist.get_rank(group=p.ds_process_group)
+        valid = max(0, min(P, p.ds_numel - start))
+        return Shard(p.ds_tensor.data.view(-1).narrow(0, 0, valid), start, tuple(p.ds_shape))
+
+    return Sharded(local, release=engine.optimizer.empty_partition_cache)
+
+
+def gathered_state_dict(model) -> dict:
+    """The whole model's state on every rank (ZeRO-3 gathers each partitioned parameter)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def engine_factory(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, device: torch.device,
                    sparse_reduce: Optional[bool] = None):
     """A ``Context.make_engine`` that wraps the model, optimizer and LR schedule in DeepSpeed."""
@@ -104,6 +158,8 @@ def engine_factory(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, de
                                               config=ds_config(ds, stage, batch_per_rank, world_size, device))
         reducer = None
         if constrainer is not None:
+            if ds.zero_stage == 3:
+                constrainer.use_layout(zero3_layout(engine, constrainer))
             constrainer.listeners.append(remask_master(ds.zero_stage))
             if ds.sparse_reduce:
                 reducer = sparse_reducer(engine, constrainer)

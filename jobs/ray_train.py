@@ -80,7 +80,7 @@ def worker_loop(config: dict) -> None:
     from pipeline.config import load_pipeline
     from pipeline.stage import Context, run_stage, stage_dir
 
-    from .deepspeed_engine import engine_factory, precision
+    from .deepspeed_engine import engine_factory, gathered_state_dict, precision
 
     ctx_r = ray.train.get_context()
     rank, world = ctx_r.get_world_rank(), ctx_r.get_world_size()
@@ -98,7 +98,9 @@ def worker_loop(config: dict) -> None:
     ctx = Context(cfg, load_data(cfg.data), device, None, run_dir, world_size=world, rank=rank,
                   log=print if rank == 0 else (lambda s: None),
                   make_engine=with_rank_checks(engine_factory(cluster.deepspeed, cfg.data.batch_size // world, world, device)),
-                  reduce_metrics=reduce_metrics)
+                  reduce_metrics=reduce_metrics, optimizer_state=lambda opt: None)
+    if cluster.deepspeed.zero_stage == 3:
+        ctx.state_dict = gathered_state_dict
     report = run_stage(ctx, index, previous)
     metrics = {k: report[k] for k in ("top1", "top5", "pruning_ratio", "nominal_compression", "seconds")}
     if rank == 0:  # Ray Train keeps its own copy of the checkpoint (it carries the constraint state)

@@ -12,6 +12,7 @@ import torch
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError
 from elastictrain.data import load as load_data
+from elastictrain.dist.shards import check_shardable
 from elastictrain.models import build_model
 
 from .config import ClusterConfig, PipelineConfig
@@ -30,13 +31,22 @@ def _device(cluster: ClusterConfig) -> torch.device:
     return torch.device(cluster.device)
 
 
-def validate(cfg: PipelineConfig, num_classes: int, in_channels: int) -> None:
-    """Every stage's spec against the model's shapes, and the tightening rule — before any training."""
+def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: bool = False) -> None:
+    """Every stage's spec against the model's shapes, and the tightening rule — before any training.
+    ``sharded`` (ZeRO-3): the constraints must be ones the projection can run on slices."""
     model = build_model(cfg.model.name, num_classes=num_classes, in_channels=in_channels)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     prev, prev_where = {}, ""
     for i, stage in enumerate(cfg.stages):
         plans = plans_for(cfg, stage, shapes, f"stages[{i}]")
+        if sharded and plans:
+            if stage.enforce.method == "admm":
+                raise ConfigError(f"stages[{i}].enforce.method: admm keeps whole-weight Z and U; "
+                                  "it needs deepspeed.zero_stage 0–2, not 3")
+            try:
+                check_shardable(plans, f"stages[{i}].spec")
+            except ValueError as e:
+                raise ConfigError(f"{e} (deepspeed.zero_stage: 3)") from None
         if prev:
             check_tightening(prev, plans, f"stages[{i}]", prev_where)
         if plans:
@@ -51,11 +61,6 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     for n in only or []:
         if n not in names:
             raise ConfigError(f"--stages: no stage named {n!r} (stages: {', '.join(names)})")
-    if cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3:
-        constrained = [f"stages[{i}] ({s.name})" for i, s in enumerate(cfg.stages) if s.spec is not None]
-        if constrained:  # the constrainer reads whole parameters; ZeRO-3 holds shards of them
-            raise ConfigError(f"cluster {cluster.name!r}: deepspeed.zero_stage: 3 shards parameters, and constrained "
-                              f"stages ({', '.join(constrained)}) need ZeRO 0–2 in this release")
     if cluster.kind == "ray" and cfg.data.batch_size % cluster.ray.num_workers:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not divide over "
                           f"ray.num_workers: {cluster.ray.num_workers} of cluster {cluster.name!r}")
@@ -66,7 +71,7 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     device = _device(cluster)
     bundle = load_data(cfg.data)
     try:
-        validate(cfg, bundle.num_classes, bundle.in_channels)
+        validate(cfg, bundle.num_classes, bundle.in_channels, sharded=cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3)
     except ConfigError as e:
         raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None

@@ -50,6 +50,11 @@ class Context:
     passes one that wraps the model in a DeepSpeed engine."""
     reduce_metrics: Callable[[dict], dict] = lambda m: m
     """sums / averages per-rank metrics across ranks (identity on one process)."""
+    state_dict: Callable[[torch.nn.Module], dict] = lambda model: {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """the whole model's state (under ZeRO-3, ``jobs`` gathers the partitioned parameters)."""
+    optimizer_state: Callable[[torch.optim.Optimizer], Optional[dict]] = lambda opt: opt.state_dict()
+    """what the checkpoint keeps of the optimizer: None under DeepSpeed, whose ZeRO partitions it
+    across ranks (one rank's slice alone would not restore anything)."""
 
 
 def stage_dir(ctx: Context, stage: StageConfig) -> Path:
@@ -137,7 +142,7 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
                 + f" {m['images_per_s']:.0f} img/s {m['seconds']:.1f}s")
     states = constrainer.finish() if constrainer is not None else {}
     final = ctx.reduce_metrics(evaluate(model, test_loader, ctx.autocast))
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd = ctx.state_dict(model)
     weights = {n: sd[n] for n in plans}
     violations = verify(plans, weights, {n: s.library for n, s in states.items() if s.library is not None})
     if violations:  # the stage's own output must satisfy its spec; anything else is a bug
@@ -153,7 +158,7 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
         sd, states_cpu, to_plain(stage.spec) if stage.spec is not None else None, previous=previous, epoch=stage.epochs,
         extra={"pipeline": cfg.name, "stage": stage.name, "kind": stage.kind, "model": cfg.model.name,
                "num_classes": b.num_classes, "in_channels": b.in_channels,
-               "optimizer_state_dict": opt.state_dict(),
+               "optimizer_state_dict": ctx.optimizer_state(opt),
                "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})})
     ckpt["local_dict"].update({"finished": True, "step": constrainer.step if constrainer else len(train_loader) * stage.epochs})
     if ctx.rank == 0:  # every rank holds the same weights and state; one writes

@@ -1,7 +1,8 @@
 """Stages on 2 Ray Train workers (in-process Ray on loopback, one instance for this module), each
 a DeepSpeed engine over gloo: outputs satisfy their specs, every constraint update was checked
-identical across ranks, ZeRO 0 (with sparse-aware reduction) and ZeRO 2 agree, and the
-distributed run matches a single process on the same global batch."""
+identical across ranks, ZeRO 0 (with sparse-aware reduction) and ZeRO 2 agree, constrained
+stages run under ZeRO-3 (sharded weights), and the distributed run — ZeRO 0 and ZeRO 3 — matches
+a single process on the same global batch."""
 import json
 from pathlib import Path
 
@@ -108,22 +109,58 @@ def test_zero0_with_sparse_reduction_agrees_with_zero2(zero2_run):
         assert torch.allclose(a["model_state_dict"][n][both], b["model_state_dict"][n][both], atol=1e-3)
 
 
-def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
-    stages = [{"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.01, "momentum": 0.0}},
-              {"name": "progressive_prune", "epochs": 1, "spec": str(ROOT / "configs/specs/lenet5-test.yaml"),
-               "optimizer": {"lr": 0.01, "momentum": 0.0}, "enforce": {"method": "progressive", "update_every": 5, "end": 0.5}}]
-    (tmp_path / "s").mkdir()
-    (tmp_path / "d").mkdir()
+LENET_STAGES = [{"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.01, "momentum": 0.0}},
+                {"name": "progressive_prune", "epochs": 1, "spec": str(ROOT / "configs/specs/lenet5-test.yaml"),
+                 "optimizer": {"lr": 0.01, "momentum": 0.0}, "enforce": {"method": "progressive", "update_every": 5, "end": 0.5}}]
+
+
+@pytest.fixture(scope="module")
+def lenet_single(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lenet_single")
     # no augmentation, no BatchNorm (LeNet-5): the global batch of 200 is 2 × 100 on two ranks
-    single = pipeline(tmp_path / "s", model="lenet5", stages=stages, batch=200, augment=False)
-    dist = pipeline(tmp_path / "d", model="lenet5", stages=stages, batch=200, augment=False)
-    run(single, load_cluster(ROOT / "configs/clusters/single.yaml"), tmp_path / "s" / "out")
-    run(dist, cluster(tmp_path, 0), tmp_path / "d" / "out")
+    path = pipeline(tmp, model="lenet5", stages=LENET_STAGES, batch=200, augment=False)
+    run(path, load_cluster(ROOT / "configs/clusters/single.yaml"), tmp / "out")
+    return tmp / "out"
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path, lenet_single, zero):
+    """ZeRO-3: the masks come from the sharded projection (exact distributed top-k), yet equal the
+    single process's — the weights agree to float tolerance and the non-zero counts exactly."""
+    dist = pipeline(tmp_path, model="lenet5", stages=LENET_STAGES, batch=200, augment=False)
+    run(dist, cluster(tmp_path, zero), tmp_path / "out")
     for stage in ("dense_pretrain", "progressive_prune"):
-        a = checkpoint.load(tmp_path / "s" / "out" / stage / "checkpoint.pt")["model_state_dict"]
-        b = checkpoint.load(tmp_path / "d" / "out" / stage / "checkpoint.pt")["model_state_dict"]
+        a = checkpoint.load(lenet_single / stage / "checkpoint.pt")["model_state_dict"]
+        b = checkpoint.load(tmp_path / "out" / stage / "checkpoint.pt")["model_state_dict"]
         for n in a:
             assert torch.allclose(a[n], b[n], atol=2e-5, rtol=1e-4), f"{stage} {n}: {float((a[n] - b[n]).abs().max())}"
-    rs = json.loads((tmp_path / "s" / "out" / "progressive_prune" / "report.json").read_text())
-    rd = json.loads((tmp_path / "d" / "out" / "progressive_prune" / "report.json").read_text())
+    rs = json.loads((lenet_single / "progressive_prune" / "report.json").read_text())
+    rd = json.loads((tmp_path / "out" / "progressive_prune" / "report.json").read_text())
     assert rs["nonzeros"] == rd["nonzeros"] and abs(rs["top1"] - rd["top1"]) <= 0.002
+
+
+def test_zero3_prune_and_quantize_stages(zero2_run):
+    """Constrained stages under ZeRO-3 (weights sharded): the ZeRO-3 specs' outputs pass verify and
+    every update was rank-checked; starts from the ZeRO-2 run's dense checkpoint."""
+    tmp, _, _ = zero2_run
+    out3 = tmp / "out3"
+    (out3 / "dense_pretrain").mkdir(parents=True)
+    for f in ("checkpoint.pt", "report.json"):
+        (out3 / "dense_pretrain" / f).write_bytes((tmp / "out" / "dense_pretrain" / f).read_bytes())
+    prune, mixture = (str(ROOT / f"configs/specs/smallcnn-zero3-{k}.yaml") for k in ("prune", "mixture"))
+    (tmp / "z3").mkdir()
+    path = pipeline(tmp / "z3", stages=[
+        {"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.05}},
+        {"name": "progressive_prune", "epochs": 1, "spec": prune, "optimizer": {"lr": 0.02},
+         "enforce": {"method": "progressive", "update_every": 4, "end": 0.6}},
+        {"name": "quantize", "epochs": 1, "spec": mixture, "optimizer": {"lr": 0.01, "weight_decay": 0.0},
+         "enforce": {"method": "fixed", "refit_every": 5}}])
+    reports = run(path, cluster(tmp, 3), out3)
+    assert [r["stage"] for r in reports] == ["progressive_prune", "quantize"]
+    for r, spec in zip(reports, (prune, mixture)):
+        assert r["world_size"] == 2 and r["top1"] > 0.4
+        sd = checkpoint.load(out3 / r["stage"] / "checkpoint.pt")["model_state_dict"]
+        plans = resolve(load_spec(spec), {k: tuple(v.shape) for k, v in sd.items()})
+        assert verify(plans, sd) == []
+        assert r["constraint_stats"]["mask_updates"] >= 1
+    assert reports[1]["constraint_stats"]["codebook_refits"] >= 1

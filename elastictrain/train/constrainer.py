@@ -13,6 +13,8 @@ recomputed every ``update_every`` steps), ``admm`` (Zhang et al. 2018: Z = Π(W 
 ρ grows; a hard projection at ``end``, masked training after), ``fixed`` (project once at the
 start, then hold masks). Every mask comes from ``projection.project`` — a deterministic function of
 the weights — which is what lets the distributed layer check ranks with a checksum.
+Weights are read and written through a layout (``layout.Whole``, or ``layout.Sharded`` under ZeRO-3,
+set with ``use_layout``); masks are always whole-shaped.
 """
 from __future__ import annotations
 
@@ -24,12 +26,11 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import nn
 
-from .. import codebook
 from ..config import fail
-from ..grid import as4d
 from ..plan import LayerPlan
-from ..projection import LayerState, project
+from ..projection import LayerState
 from ..schedule import Schedule, plans_at
+from .layout import Whole
 
 
 @dataclass(slots=True)
@@ -79,7 +80,8 @@ class Constrainer:
         self.plans, self.cfg = plans, cfg
         self.total_steps = max(total_steps, 1)
         self.end_step = max(1, int(round(cfg.end * self.total_steps)))
-        self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.masks = {n: torch.ones(plans[n].shape, dtype=torch.bool, device=p.device) for n, p in self.params.items()}
+        self.layout = Whole(self.params)
         self.libraries: dict[str, torch.Tensor] = {}
         self.codebooks: dict[str, torch.Tensor] = {}
         self.Z: dict[str, torch.Tensor] = {}
@@ -90,7 +92,7 @@ class Constrainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.stats = {"mask_updates": 0, "mask_changes": 0, "codebook_refits": 0, "admm_updates": 0}
         self._latent: dict[str, torch.Tensor] = {}
-        self._kept: dict[str, codebook.KeptIndex] = {}
+        self._kept: dict = {}  # per layer: codebook.KeptIndex or dist.shards.ShardKept
         self._fmask: dict[str, torch.Tensor] = {}
         self._hooks: list = []
         self.listeners: list[Callable[["Constrainer", str], None]] = []
@@ -101,16 +103,25 @@ class Constrainer:
         # a stage never revives what an earlier stage pruned: every new mask is cut by these
         self.base_masks = {n: m.clone() for n, m in self.masks.items()}
 
+    def use_layout(self, layout) -> None:
+        """Read and write weights through ``layout`` from now on (before ``begin``)."""
+        if layout.sharded and self.cfg.method == "admm":
+            raise ValueError("enforce.method: admm keeps whole-weight Z and U; it needs ZeRO 0–2, not sharded weights")
+        self.layout = layout
+        self._kept.clear()
+        self._fmask.clear()
+
     # -- the three per-step calls ---------------------------------------------------------------
     @torch.no_grad()
     def before_forward(self) -> None:
         if not self.codebooks:
             return
+        self.layout.release()
         for n, book in self.codebooks.items():
-            p = self.params[n]
+            x, _ = self.layout.local(n)
             idx = self._kept_index(n)
-            self._latent[n] = p.detach().view(-1)[idx.flat]  # only kept entries differ from Q(W)
-            idx.quantize_(p.detach(), book)
+            self._latent[n] = x[idx.flat]  # only kept entries differ from Q(W)
+            idx.quantize_(x, book)
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -121,7 +132,7 @@ class Constrainer:
         with torch.no_grad():
             if self.Z:  # ADMM: d/dW of ρ/2‖W − Z + U‖² (W: the latent weights; no QAT during ADMM)
                 g = g + self.rho * (p.detach() - self.Z[n] + self.U[n])
-            return g * self._float_mask(n, p)
+            return g * self._float_mask(n, g.dtype)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -140,8 +151,10 @@ class Constrainer:
             self._refit()
 
     def _restore_latent(self) -> None:
+        if self._latent:
+            self.layout.release()
         for n, latent in self._latent.items():
-            self.params[n].detach().view(-1)[self._kept[n].flat] = latent
+            self.layout.local(n)[0][self._kept[n].flat] = latent
         self._latent.clear()
 
     @contextmanager
@@ -173,21 +186,24 @@ class Constrainer:
     @torch.no_grad()
     def finish(self) -> dict[str, LayerState]:
         """Bake the constraints into the weights (masks, final codebooks) and return their state."""
-        weights = {n: p.detach() for n, p in self.params.items()}
-        projected, states = project(weights, self.plans, self.libraries or None)
+        self.layout.release()
+        projected, states = self.layout.project(self.plans, self.libraries or None)
+        held = self.codebooks
+        self.masks = {n: s.mask for n, s in states.items()}
+        self._kept.clear()
+        self._fmask.clear()
         if self.cfg.codebook == "fixed":  # bake the held codebooks instead of a final refit
-            for n, book in self.codebooks.items():
-                projected[n] = self._quantized(n, weights[n] * states[n].mask, book)
-                states[n].codebook = book
+            for n, book in held.items():
+                x, start = self.layout.local(n)
+                q = x * self._float_mask(n, x.dtype).view(-1).narrow(0, start, x.numel())
+                self._kept_index(n).quantize_(q, book)
+                projected[n], states[n].codebook = q, book
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for n, w in projected.items():
-            self.params[n].copy_(w)
-        self.masks = {n: s.mask for n, s in states.items()}
+        for n, q in projected.items():
+            self.layout.local(n)[0].copy_(q)
         self.codebooks = {n: s.codebook for n, s in states.items() if s.codebook is not None}
-        self._kept.clear()
-        self._fmask.clear()
         self.final = True
         return states
 
@@ -195,7 +211,7 @@ class Constrainer:
     @torch.no_grad()
     def update_masks(self, progress: float) -> None:
         plans = plans_at(self.plans, progress, self.cfg.schedule)
-        _, states = project({n: p.detach() for n, p in self.params.items()}, plans, self.libraries or None)
+        _, states = self.layout.project(plans, self.libraries or None)
         changed = 0
         for n, s in states.items():
             mask = s.mask & self.base_masks[n]
@@ -222,24 +238,26 @@ class Constrainer:
         ``optimizer_state`` (when masks change) momentum / Adam moments of pruned weights are
         dropped too; afterwards their gradients are 0, so those moments stay 0."""
         for n, p in self.params.items():
-            p.detach().mul_(self._float_mask(n, p))
-            if optimizer_state and self.optimizer is not None:
+            x, start = self.layout.local(n)
+            x.mul_(self._float_mask(n, x.dtype).view(-1).narrow(0, start, x.numel()))
+            if optimizer_state and self.optimizer is not None:  # (DeepSpeed's state: a listener in jobs)
                 for v in self.optimizer.state.get(p, {}).values():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
                         v.mul_(self.masks[n])
 
     def _admm_reset(self) -> None:
-        self.Z, _ = project({n: p.detach() for n, p in self.params.items()}, self.plans, self.libraries or None)
+        z, _ = self.layout.project(self.plans, self.libraries or None)
+        self.Z = {n: z[n].view(p.shape) for n, p in self.params.items()}
         self.U = {n: torch.zeros_like(p) for n, p in self.params.items()}
 
     def _admm_update(self) -> None:
         w_plus_u = {n: p.detach() + self.U[n] for n, p in self.params.items()}
-        z, states = project(w_plus_u, self.plans, self.libraries or None)
+        z, states = self.layout.project(self.plans, self.libraries or None, values=w_plus_u)
         for n, s in states.items():
             if s.library is not None:
                 self.libraries.setdefault(n, s.library)
         for n, p in self.params.items():
-            self.Z[n] = z[n].to(p.dtype)
+            self.Z[n] = z[n].view(p.shape).to(p.dtype)
             self.U[n].add_(p.detach() - self.Z[n])
         self.rho = min(self.rho * self.cfg.admm.growth, self.cfg.admm.rho_max)
         self.stats["admm_updates"] += 1
@@ -256,27 +274,22 @@ class Constrainer:
     def _refit(self) -> None:
         for n in self.codebooks:
             q = self.plans[n].quantize
-            self.codebooks[n] = self._kept_index(n).fit(self.params[n].detach().float(), q.bits, q.method, q.iters)
+            self.codebooks[n] = self._kept_index(n).fit(self.layout.local(n)[0].float(), q.bits, q.method, q.iters)
         self.stats["codebook_refits"] += 1
         self._notify("codebooks")
 
-    def _float_mask(self, n: str, p: torch.Tensor) -> torch.Tensor:
-        """The mask in the weight's dtype, cached: multiplying by a bool mask converts it every time."""
+    def _float_mask(self, n: str, dtype: torch.dtype) -> torch.Tensor:
+        """The whole mask in ``dtype``, cached: multiplying by a bool mask converts it every time."""
         m = self._fmask.get(n)
-        if m is None or m.dtype != p.dtype:
-            m = self._fmask[n] = self.masks[n].to(p.dtype)
+        if m is None or m.dtype != dtype:
+            m = self._fmask[n] = self.masks[n].to(dtype)
         return m
 
-    def _kept_index(self, n: str) -> codebook.KeptIndex:
-        """Cached per mask: rebuilt only after the mask changes."""
+    def _kept_index(self, n: str):
+        """This rank's kept entries of ``n`` in codebook-group order; rebuilt only after the mask changes."""
         if n not in self._kept:
-            self._kept[n] = codebook.KeptIndex(as4d(self.masks[n]), self.plans[n].quant_parts)
+            self._kept[n] = self.layout.kept(self.masks[n], self.plans[n], n)
         return self._kept[n]
-
-    def _quantized(self, n: str, w: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-        q = w.clone()
-        self._kept_index(n).quantize_(q, book)
-        return q
 
     # -- state for checkpoints and cross-rank checks ---------------------------------------------------
     def state_dict(self) -> dict:
@@ -287,7 +300,7 @@ class Constrainer:
     def load_state_dict(self, state: dict) -> None:
         for n in self.params:
             if n in state.get("masks", {}):
-                self.masks[n] = state["masks"][n].to(torch.bool).reshape(self.params[n].shape)
+                self.masks[n] = state["masks"][n].to(torch.bool).reshape(self.plans[n].shape)
         self.libraries.update({n: v for n, v in state.get("libraries", {}).items() if n in self.params})
         self.codebooks.update({n: v for n, v in state.get("codebooks", {}).items() if n in self.plans and self.plans[n].quantize})
         self.Z = dict(state.get("Z", {}))
