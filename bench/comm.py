@@ -10,7 +10,10 @@ sparsity — masks from one global top-k, identical on both ranks:
     only; target ≤ 1.2 × non-zeros × 4 bytes), bytes and median wall time;
   * a mask check (``check_identical``: all-gathered fingerprints), a packed mask broadcast
     (``broadcast_masks``: 1 bit a weight) and a codebook broadcast (64 codebooks × 2 bits per
-    layer), bytes and time.
+    layer), bytes and time;
+  * ZeRO-3: a whole mask update on each rank's slices of the weights (``dist.shards.project_shards``
+    with the seed's specs: 50× unstructured, and 1000× + 2-bit × 64 codebooks), bytes each rank
+    sends and time, against gathering the weights (what a projection on whole weights would need).
 Biases and BatchNorm parameters (21 k, always dense) are reported apart. Two processes on two
 cores: the times measure the collective's software path on loopback, not a network.
 Writes bench/results/comm.json.
@@ -44,6 +47,27 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
+ZERO3_SPECS = {50: "configs/specs/vgg16-50x-unstructured.yaml", 1000: "configs/specs/vgg16-16000x-1000x-2bit-64cb.yaml"}
+
+
+def zero3_update(rank: int, weights: dict, ratio: int, repeats: int) -> tuple[int, float]:
+    """One mask (+ codebook) update on ZeRO-3 slices (rank r holds [r·P, (r+1)·P) of every weight)."""
+    from elastictrain.dist import Traffic
+    from elastictrain.dist.shards import Shard, project_shards
+    from elastictrain.plan import resolve
+    from elastictrain.spec import load
+
+    plans = resolve(load(ROOT / ZERO3_SPECS[ratio]), {n: tuple(w.shape) for n, w in weights.items()})
+    shards = {}
+    for n, w in weights.items():
+        P = -(-w.numel() // 2)
+        part = w.reshape(-1)[rank * P:(rank + 1) * P]
+        shards[n] = Shard(part.clone(), rank * P, tuple(w.shape))
+    traffic = Traffic()
+    project_shards(shards, plans, traffic=traffic)
+    return traffic.bytes_sent, timed(lambda: project_shards(shards, plans), max(1, repeats // 2))
+
+
 def worker(rank: int, port: int, repeats: int, out: str) -> None:
     from elastictrain.dist import SparseReducer, broadcast_masks, broadcast_tensors, check_identical
     from elastictrain.models import build_model
@@ -75,6 +99,7 @@ def worker(rank: int, port: int, repeats: int, out: str) -> None:
         bcast_t = timed(lambda: broadcast_masks(dict(masks)), repeats)
         book_bytes = broadcast_tensors(books)
         book_t = timed(lambda: broadcast_tensors(books), repeats)
+        z3_bytes, z3_t = zero3_update(rank, weights, ratio, repeats)
         rows.append({
             "ratio": ratio, "weights": n_w, "nonzeros": nnz,
             "dense_allreduce_bytes": n_w * 4, "dense_allreduce_s": dense_t,
@@ -84,6 +109,8 @@ def worker(rank: int, port: int, repeats: int, out: str) -> None:
             "mask_check_bytes_per_rank": check_bytes, "mask_check_s": check_t,
             "mask_broadcast_bytes": bcast_bytes, "mask_broadcast_s": bcast_t,
             "codebook_broadcast_bytes": book_bytes, "codebook_broadcast_s": book_t,
+            "zero3_spec": ZERO3_SPECS[ratio], "zero3_update_bytes_per_rank": z3_bytes, "zero3_update_s": z3_t,
+            "gather_weights_bytes_per_rank": n_w * 4 // 2,
         })
         del g_all
     if rank == 0:
@@ -112,6 +139,11 @@ def main(argv=None) -> dict:
               f"| {r['mask_check_bytes_per_rank']} B, {1e3 * r['mask_check_s']:.1f} ms "
               f"| {r['mask_broadcast_bytes'] / 1e6:.2f} MB, {1e3 * r['mask_broadcast_s']:.1f} ms "
               f"| {r['codebook_broadcast_bytes'] / 1e3:.1f} kB, {1e3 * r['codebook_broadcast_s']:.1f} ms |")
+    print("\n| ZeRO-3 mask update on slices | sent per rank | time | gathering the weights instead |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {Path(r['zero3_spec']).stem} | {r['zero3_update_bytes_per_rank'] / 1e6:.2f} MB | {r['zero3_update_s']:.2f} s "
+              f"| {r['gather_weights_bytes_per_rank'] / 1e6:.1f} MB |")
     for r in rows:
         wb = r["with_bias_bn"]
         print(f"{r['ratio']}×, counting biases and BatchNorm (always dense): dense {wb['dense_bytes'] / 1e6:.2f} MB, "

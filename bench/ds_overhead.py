@@ -9,7 +9,8 @@ Run from the repository root:
 Variants per rank, interleaved round by round (SmallCNN, global batch 128 = 2 × 64):
 dense ZeRO-2; QAT mixture ZeRO-2 (``smallcnn-mixture.yaml``: masks held, quantized forward, grad
 hooks, rank check on refits every 50 steps); dense ZeRO-0; QAT mixture ZeRO-0 with sparse-aware
-reduction. Ratios are per round against the dense run of the same ZeRO stage; medians reported.
+reduction; dense ZeRO-3; QAT ZeRO-3 mixture (``smallcnn-zero3-mixture.yaml``: weights sharded, the
+quantized forward written into each rank's slices, codebooks refit by distributed k-means). Ratios are per round against the dense run of the same ZeRO stage; medians reported.
 Writes bench/results/ds_overhead.json.
 """
 from __future__ import annotations
@@ -28,8 +29,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 SPEC = "configs/specs/smallcnn-mixture.yaml"
+SPEC_ZERO3 = "configs/specs/smallcnn-zero3-mixture.yaml"  # the same without patterns: projects on slices
 VARIANTS = [("dense", 2, False, False), ("qat-mixture", 2, True, False),
-            ("dense", 0, False, False), ("qat-mixture+sparse-reduce", 0, True, True)]
+            ("dense", 0, False, False), ("qat-mixture+sparse-reduce", 0, True, True),
+            ("dense", 3, False, False), ("qat-zero3-mixture", 3, True, False)]
 
 
 def worker(rank: int, port: int, steps: int, rounds: int, out: str) -> None:
@@ -56,7 +59,8 @@ def worker(rank: int, port: int, steps: int, rounds: int, out: str) -> None:
         sched = build_scheduler(opt, LRConfig(name="constant"), 100, 100)
         c = None
         if constrained:
-            plans = resolve(load(ROOT / SPEC), {n: tuple(p.shape) for n, p in model.named_parameters()})
+            spec = SPEC_ZERO3 if zero == 3 else SPEC
+            plans = resolve(load(ROOT / spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
             c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="fixed", refit_every=50), 10**6)
         make = engine_factory(DeepSpeedConfig(zero_stage=zero, sparse_reduce=sparse), 64, 2, torch.device("cpu"))
         engine, stepper = make(model, opt, sched, stage, c)
@@ -114,7 +118,7 @@ def main(argv=None) -> dict:
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['zero_stage']} | {r['median_step_ms']:.2f} | {r['ratio_to_dense_median']:.3f}× |")
-    result = {"machine": m, "model": "smallcnn", "spec": SPEC, "world_size": 2, "steps_per_round": args.steps,
+    result = {"machine": m, "model": "smallcnn", "spec": SPEC, "spec_zero3": SPEC_ZERO3, "world_size": 2, "steps_per_round": args.steps,
               "rounds": args.rounds, "rows": rows}
     write_result(result, args.out)
     return result

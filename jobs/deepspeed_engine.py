@@ -23,9 +23,18 @@ from pipeline.config import DeepSpeedConfig, StageConfig
 
 
 def precision(ds: DeepSpeedConfig, device: torch.device) -> str:
+    """"bf16" or "fp32". bf16 means ``torch.autocast`` compute over fp32 weights, not DeepSpeed's
+    bf16 engine: that one keeps bf16 model weights (fp32 only in the optimizer's master copy), so
+    every quantized value written for QAT and every baked codebook value would be rounded to bf16 —
+    the compressed model would no longer hold its own codebook. Autocast gives the bf16 matmuls
+    and keeps weights, masks and codebooks exact; the price is fp32 gradient reduction."""
     if ds.precision != "auto":
         return ds.precision
     return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast_dtype(ds: DeepSpeedConfig, device: torch.device):
+    return torch.bfloat16 if precision(ds, device) == "bf16" else None
 
 
 def ds_config(ds: DeepSpeedConfig, stage: StageConfig, batch_per_rank: int, world_size: int,
@@ -50,12 +59,7 @@ def ds_config(ds: DeepSpeedConfig, stage: StageConfig, batch_per_rank: int, worl
     clip = ds.gradient_clipping or stage.optimizer.clip_grad_norm
     if clip:
         cfg["gradient_clipping"] = clip
-    p = precision(ds, device)
-    if p == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif p == "fp16":
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return cfg
+    return cfg  # no "bf16" / "fp16" section: see ``precision``
 
 
 class DeepSpeedStepper:
@@ -136,7 +140,15 @@ def zero3_layout(engine, constrainer):
         valid = max(0, min(P, p.ds_numel - start))
         return Shard(p.ds_tensor.data.view(-1).narrow(0, 0, valid), start, tuple(p.ds_shape))
 
-    return Sharded(local, release=engine.optimizer.empty_partition_cache)
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    every = list(engine.module.parameters())
+
+    def release() -> None:  # a forward without grad (evaluation) leaves whole copies gathered
+        if any(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in every):
+            engine.optimizer.empty_partition_cache()
+
+    return Sharded(local, release=release)
 
 
 def gathered_state_dict(model) -> dict:

@@ -80,7 +80,7 @@ def worker_loop(config: dict) -> None:
     from pipeline.config import load_pipeline
     from pipeline.stage import Context, run_stage, stage_dir
 
-    from .deepspeed_engine import engine_factory, gathered_state_dict, precision
+    from .deepspeed_engine import autocast_dtype, engine_factory, gathered_state_dict
 
     ctx_r = ray.train.get_context()
     rank, world = ctx_r.get_world_rank(), ctx_r.get_world_size()
@@ -93,9 +93,7 @@ def worker_loop(config: dict) -> None:
     previous = None
     if index > 0:
         previous = checkpoint.load(run_dir / cfg.stages[index - 1].name / "checkpoint.pt")
-    if precision(cluster.deepspeed, device) != "fp32":
-        raise NotImplementedError("bf16/fp16 DeepSpeed engines are not wired yet: set deepspeed.precision: fp32")
-    ctx = Context(cfg, load_data(cfg.data), device, None, run_dir, world_size=world, rank=rank,
+    ctx = Context(cfg, load_data(cfg.data), device, autocast_dtype(cluster.deepspeed, device), run_dir, world_size=world, rank=rank,
                   log=print if rank == 0 else (lambda s: None),
                   make_engine=with_rank_checks(engine_factory(cluster.deepspeed, cfg.data.batch_size // world, world, device)),
                   reduce_metrics=reduce_metrics, optimizer_state=lambda opt: None)

@@ -108,7 +108,8 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     """ZeRO stage 0–3 (0: plain data parallel; 1: optimizer states; 2: + gradients; 3: + parameters)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs, fp32 on CPUs."""
+    """auto: bf16 on GPUs, fp32 on CPUs. bf16 is autocast compute over fp32 weights (see
+    ``jobs.deepspeed_engine``); fp16 is refused: fp16 weights cannot hold fp32 codebook values."""
     gradient_accumulation: int = 1
     gradient_clipping: Optional[float] = None
     sparse_reduce: bool = False
@@ -121,6 +122,9 @@ class DeepSpeedConfig:
             fail("gradient_accumulation", f"must be >= 1 (got {self.gradient_accumulation})")
         if self.gradient_clipping is not None and self.gradient_clipping <= 0:
             fail("gradient_clipping", f"must be > 0 (got {self.gradient_clipping})")
+        if self.precision == "fp16":
+            fail("precision", "fp16 is not supported: fp16 weights round every codebook value and need loss "
+                 "scaling; use bf16 (autocast over fp32 weights, exact codebooks)")
         if self.sparse_reduce and self.zero_stage != 0:
             fail("sparse_reduce", "needs zero_stage 0 (ZeRO 1–3 reduce inside DeepSpeed's partitioned buffers)")
 

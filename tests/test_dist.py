@@ -45,6 +45,7 @@ def _entry(rank: int, world: int, store_path: str, worker, args: tuple, q) -> No
 
 def run2(tmp_path, worker, *args) -> list:
     """Run ``worker(rank, 2, *args)`` on two gloo ranks; their return values, in rank order."""
+    tmp_path.mkdir(parents=True, exist_ok=True)  # FileStore waits forever on a missing folder
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(r, 2, str(tmp_path / "store"), worker, args, q)) for r in range(2)]

@@ -163,3 +163,32 @@ def test_bad_pipeline_is_one_line_error(tmp_path, capsys, edit, message):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+ZERO3 = str(Path(__file__).resolve().parents[1] / "configs/specs/smallcnn-zero3-prune.yaml")
+
+
+@pytest.mark.parametrize("cluster,edit,message", [
+    ({"deepspeed": {"precision": "fp16"}}, None, "deepspeed.precision: fp16 is not supported"),
+    ({"deepspeed": {"zero_stage": 3}}, None, "stages[1].spec: rules[0].pattern on features.3.weight: pattern pruning picks positions "
+                                             "inside kernels, which ZeRO-3 slices can cut"),
+    ({"deepspeed": {"zero_stage": 3}}, lambda c: [c["stages"][1].update(spec=ZERO3, enforce={"method": "admm"}),
+                                                  c["stages"].pop(2)],
+     "stages[1].enforce.method: admm keeps whole-weight Z and U; it needs deepspeed.zero_stage 0–2"),
+    ({"deepspeed": {"zero_stage": 2, "sparse_reduce": True}}, None, "deepspeed.sparse_reduce: needs zero_stage 0"),
+])
+def test_bad_cluster_is_one_line_error_before_any_worker(tmp_path, capsys, cluster, edit, message):
+    """Refused on the driver, before Ray starts: nothing is written."""
+    path = tiny_pipeline(tmp_path)
+    if edit is not None:
+        cfg = yaml.safe_load(path.read_text())
+        edit(cfg)
+        path.write_text(yaml.safe_dump(cfg))
+    clu = tmp_path / "cluster.yaml"
+    clu.write_text(yaml.safe_dump({"name": "bad", "kind": "ray", "device": "cpu",
+                                   "ray": {"address": "local", "num_workers": 2, "storage_path": str(tmp_path / "ray")},
+                                   **cluster}))
+    assert main(["run", str(path), "--cluster", str(clu), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ray").exists()

@@ -1,11 +1,11 @@
-"""Constrained training under DeepSpeed ZeRO-3 on two gloo ranks (each a DeepSpeed engine built as
+"""Constrained training on DeepSpeed engines — ZeRO-3 and bf16 — on two gloo ranks (each a DeepSpeed engine built as
 a Ray Train worker builds it; Ray itself is exercised in test_ray.py).
 
 Checked against references computed from the *gathered* weights: a mask update on the slices
 equals ``projection.project`` on the whole weights; pruned weights stay exactly 0 through further
 steps (DeepSpeed's fp32 master slices and momentum were re-masked); the quantized forward sees
 only codebook values; every rank ends with the same masks and codebooks, and the gathered
-result passes ``verify``.
+result passes ``verify``. ``precision: bf16`` computes in bf16 over fp32 weights (ZeRO 2 and 3).
 """
 from __future__ import annotations
 
@@ -114,3 +114,48 @@ def test_zero3_constrained_training_on_two_ranks(tmp_path):
     for n in r0["books"]:
         assert np.array_equal(r0["books"][n], r1["books"][n])
     assert 0.01 < r0["density"] < 0.05  # 64× on 97% of the weights
+
+
+def _bf16_worker(rank: int, world: int, spec: str, zero: int):
+    """precision: bf16 — autocast compute over fp32 weights, QAT included."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    from elastictrain.models import build_model
+    from elastictrain.train import Constrainer, EnforceConfig, LRConfig, OptimConfig, build_optimizer, build_scheduler, train_epoch
+    from elastictrain.verify import verify
+    from jobs.deepspeed_engine import autocast_dtype, engine_factory, gathered_state_dict
+    from jobs.ray_train import with_rank_checks
+    from pipeline.config import DeepSpeedConfig, StageConfig
+
+    ds = DeepSpeedConfig(zero_stage=zero, precision="bf16")
+    torch.manual_seed(0)
+    model = build_model("smallcnn", num_classes=10, in_channels=1)
+    plans = resolve(load(spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
+    opt = build_optimizer(model, OptimConfig(lr=0.05))
+    c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="fixed", refit_every=3), 8)
+    make = with_rank_checks(engine_factory(ds, 16, world, torch.device("cpu")))
+    engine, stepper = make(model, opt, build_scheduler(opt, LRConfig(name="constant"), 8, 1),
+                           StageConfig(name="t", kind="quantize", spec=str(spec)), c)
+    c.begin(opt)
+    g = torch.Generator().manual_seed(7 + rank)
+    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
+    dtype = autocast_dtype(ds, torch.device("cpu"))
+    m = train_epoch(engine, batches, stepper, c, autocast_dtype=dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        logits = engine(batches[0][0])
+    c.finish()
+    sd = gathered_state_dict(model) if zero == 3 else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"autocast": str(dtype), "logits": str(logits.dtype), "weights": sorted({str(v.dtype) for v in sd.values() if v.is_floating_point()}),
+            "loss_finite": bool(np.isfinite(m["loss"])), "refits": c.stats["codebook_refits"],
+            "violations": [str(v) for v in verify(plans, {n: sd[n] for n in plans})], "checksum": c.checksum()}
+
+
+def test_bf16_autocast_over_fp32_weights(tmp_path):
+    """bf16 compute, fp32 weights: the baked codebook values are exact, so verify passes."""
+    for zero in (2, 3):
+        r0, r1 = run2(tmp_path / f"z{zero}", _bf16_worker, str(SPEC), zero)
+        for r in (r0, r1):
+            assert r["autocast"] == "torch.bfloat16" and r["logits"] == "torch.bfloat16"
+            assert r["weights"] == ["torch.float32"] and r["loss_finite"] and r["refits"] >= 2
+            assert r["violations"] == []
+        assert r0["checksum"] == r1["checksum"]

@@ -34,12 +34,15 @@ def _pow2(e_G: torch.Tensor) -> torch.Tensor:
     return ((e_G.long() + 1023) << 52).view(torch.float64)
 
 
-def distributed_kmeans(vals_GN: torch.Tensor, n_G: torch.Tensor, bits: int, iters: int, group=None) -> torch.Tensor:
+def distributed_kmeans(vals_GN: torch.Tensor, n_G: torch.Tensor, bits: int, iters: int, group=None,
+                       traffic=None) -> torch.Tensor:
     """Codebooks (G, L), rows sorted ascending, identical on every rank of ``group``.
 
     ``vals_GN`` holds this rank's values of each group packed to the left (sorted or not; entries at
     positions ≥ ``n_G`` are padding, e.g. +inf). Every rank passes the same G, ``bits`` and ``iters``.
+    ``traffic`` (a ``threshold.Traffic``), if given, accumulates what was communicated.
     """
+    note = traffic.note if traffic is not None else (lambda t: t)
     if not 1 <= bits <= 8:
         raise ValueError(f"distributed_kmeans: bits must be 1..8 (got {bits})")
     if iters < 0:
@@ -60,11 +63,11 @@ def distributed_kmeans(vals_GN: torch.Tensor, n_G: torch.Tensor, bits: int, iter
     ext = torch.cat([torch.where(valid_GN, vals_GN, inf).amin(1), torch.where(valid_GN, -vals_GN, inf).amin(1),
                      torch.where(valid_GN & (vals_GN != 0), vals_GN.abs(), inf).amin(1),
                      -(valid_GN & ~vals_GN.isfinite()).sum().to(dt).reshape(1)])
-    ext = _comm.all_reduce_(ext, dist.ReduceOp.MIN, group)
+    ext = _comm.all_reduce_(note(ext), dist.ReduceOp.MIN, group)
     if float(ext[-1]) < 0:
         raise ValueError("distributed_kmeans: kept values include inf or NaN (positions < n_G must be finite)")
     lo_G, hi_G, small_G = ext[:G], -ext[G:2 * G], ext[2 * G:3 * G]
-    n_tot_G = _comm.all_reduce_(n_G.to(device=dev, dtype=torch.int64).clone(), group=group)
+    n_tot_G = _comm.all_reduce_(note(n_G.to(device=dev, dtype=torch.int64).clone()), group=group)
     empty_G = n_tot_G == 0
     lo_G = torch.where(empty_G, torch.zeros_like(lo_G), lo_G)
     hi_G = torch.where(empty_G, torch.zeros_like(hi_G), hi_G)
@@ -87,7 +90,7 @@ def distributed_kmeans(vals_GN: torch.Tensor, n_G: torch.Tensor, bits: int, iter
         prev_GN = a_GN
         sums_GL = torch.zeros(G, L, dtype=torch.int64, device=dev).scatter_add_(1, a_GN, q_GN)
         cnts_GL = torch.zeros(G, L, dtype=torch.int64, device=dev).scatter_add_(1, a_GN, w_GN)
-        buf = _comm.all_reduce_(torch.cat([sums_GL.view(-1), cnts_GL.view(-1), changed.view(1)]), group=group)
+        buf = _comm.all_reduce_(note(torch.cat([sums_GL.view(-1), cnts_GL.view(-1), changed.view(1)])), group=group)
         if int(buf[-1]) == 0:  # no rank changed an assignment: the centroids would not move
             break
         sums_GL, cnts_GL = buf[:G * L].view(G, L), buf[G * L:2 * G * L].view(G, L)

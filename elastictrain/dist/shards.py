@@ -87,14 +87,15 @@ class ShardKept:
     """``codebook.KeptIndex`` for a slice: the slice's kept entries in codebook-group order.
     ``flat`` indexes the slice; ``rows`` is each entry's group; (rows, pos) the packed (G, N) layout."""
 
-    def __init__(self, keep_n: torch.Tensor, start: int, shape4: tuple[int, ...], parts: tuple[int, ...], group=None):
+    def __init__(self, keep_n: torch.Tensor, start: int, shape4: tuple[int, ...], parts: tuple[int, ...], group=None,
+                 traffic: Optional[Traffic] = None):
         flat = keep_n.nonzero().squeeze(1)
         rows = block_ids(shape4, parts, start, keep_n.numel(), keep_n.device)[flat]
         order = rows.argsort(stable=True)
         self.flat, self.rows = flat[order], rows[order]
         self.G = parts[0] * parts[1] * parts[2] * parts[3]
         self.n_G, self.pos, self.N = _slots(self.rows, self.G)
-        self.group = group
+        self.group, self.traffic = group, traffic
 
     def packed(self, x_n: torch.Tensor) -> torch.Tensor:
         vals = torch.full((self.G, self.N), float("inf"), dtype=x_n.dtype, device=x_n.device)
@@ -105,7 +106,8 @@ class ShardKept:
         """Codebooks (G, 2^bits), identical on every rank — a collective: all ranks call it together."""
         if method not in ("kmeans", "uniform"):
             raise ValueError(f"unknown codebook method {method!r} (expected 'kmeans' or 'uniform')")
-        return distributed_kmeans(self.packed(x_n), self.n_G, bits, iters if method == "kmeans" else 0, self.group)
+        return distributed_kmeans(self.packed(x_n), self.n_G, bits, iters if method == "kmeans" else 0, self.group,
+                                  self.traffic)
 
     @torch.no_grad()
     def quantize_(self, x_n: torch.Tensor, book_GL: torch.Tensor) -> None:
@@ -189,7 +191,7 @@ def project_shards(shards: dict[str, Shard], plans: dict[str, LayerPlan], group=
     for n, plan in plans.items():
         q = torch.where(keep[n], x[n], torch.zeros_like(x[n]))
         if plan.quantize is not None:
-            kept = ShardKept(keep[n], shards[n].start, plan.shape4, plan.quant_parts, group)
+            kept = ShardKept(keep[n], shards[n].start, plan.shape4, plan.quant_parts, group, traffic)
             book = kept.fit(q, plan.quantize.bits, plan.quantize.method, plan.quantize.iters)
             kept.quantize_(q, book)
             states[n].codebook = book
