@@ -47,7 +47,10 @@ def start_ray(cluster: ClusterConfig) -> None:
     if local:
         need = cluster.ray.num_workers * cluster.ray.cpus_per_worker + 1  # + the trainer's controller
         ray.init(num_cpus=int(need + 0.999), num_gpus=int(cluster.ray.num_workers * cluster.ray.gpus_per_worker),
-                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
+                 # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
+                 # (without it: a warning every few seconds); loopback only, like everything we start
+                 include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env},
                  log_to_driver=True, configure_logging=False)
     else:
         ray.init(address=cluster.ray.address, runtime_env={"env_vars": env})

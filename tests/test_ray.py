@@ -37,6 +37,8 @@ def ray_instance(tmp_path_factory):
 
 def test_local_ray_binds_to_loopback(ray_instance):
     assert {n["NodeManagerAddress"] for n in ray_instance.nodes()} == {"127.0.0.1"}
+    dashboard = ray_instance._private.worker.global_worker.node.address_info["webui_url"]
+    assert dashboard.startswith("127.0.0.1:"), dashboard
 
 
 def cluster(tmp: Path, zero: int, sparse: bool = False) -> "ClusterConfig":
