@@ -147,6 +147,12 @@ def reduce_metrics(m: dict) -> dict:
         t = torch.tensor([m["top1"] * n, m["top5"] * n, m["test_loss"] * n, n], dtype=torch.float64)
         dist.all_reduce(t)
         m.update(top1=float(t[0] / t[3]), top5=float(t[1] / t[3]), test_loss=float(t[2] / t[3]), test_images=int(t[3]))
+    if "robust_images" in m:  # robust accuracies, weighted by each rank's attacked images
+        keys = sorted(k for k in m if k.startswith("robust:"))
+        n = m["robust_images"]
+        t = torch.tensor([m[k] * n for k in keys] + [n], dtype=torch.float64)
+        dist.all_reduce(t)
+        m.update({k: float(t[i] / max(float(t[-1]), 1)) for i, k in enumerate(keys)}, robust_images=int(t[-1]))
     if "loss" in m:
         w = dist.get_world_size()
         t = torch.tensor([m["loss"], m["train_acc"], m["images_per_s"]], dtype=torch.float64)

@@ -19,6 +19,7 @@ from typing import Literal, Optional, Union
 
 from elastictrain.config import ConfigError, build, fail, load_yaml
 from elastictrain.data import DataConfig
+from elastictrain.robust import AdversarialConfig
 from elastictrain.spec import Spec, load as load_spec, parse as parse_spec
 from elastictrain.train import EnforceConfig, LRConfig, OptimConfig
 
@@ -43,6 +44,8 @@ class StageConfig:
     spec: Union[str, Spec, None] = None
     """compression spec: a YAML path (relative to the pipeline file) or an inline spec."""
     enforce: Optional[EnforceConfig] = None
+    adversarial: Optional[AdversarialConfig] = None
+    """robust training: e.g. ``{beta: 0.5, attack: {kind: pgd, eps: 0.0314, steps: 7}}``."""
 
     def __post_init__(self) -> None:
         if self.kind is None:

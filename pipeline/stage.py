@@ -21,6 +21,7 @@ from elastictrain.data import DataBundle, make_loaders
 from elastictrain.models import build_model
 from elastictrain.plan import LayerPlan, resolve
 from elastictrain.projection import LayerState
+from elastictrain.robust import attack, robust_accuracy
 from elastictrain.train import Constrainer, Hooks, TorchStepper, build_optimizer, build_scheduler, evaluate, train_epoch
 from elastictrain.verify import verify
 
@@ -127,9 +128,14 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     if constrainer is not None:
         constrainer.begin(opt)
     history = []
+    hooks = Hooks()
+    adv = stage.adversarial
+    if adv is not None:  # each rank attacks its own shard of the batch
+        hooks = Hooks(adversarial=lambda m, x, y: attack(m, x, y, adv.attack, b.mean, b.std, ctx.autocast),
+                      adv_beta=adv.beta)
     for epoch in range(stage.epochs):
         train_loader.set_epoch(epoch)
-        m = train_epoch(forward, train_loader, stepper, constrainer, Hooks(), ctx.autocast)
+        m = train_epoch(forward, train_loader, stepper, constrainer, hooks, ctx.autocast)
         with constrainer.effective() if constrainer is not None else nullcontext():
             m.update(evaluate(model, test_loader, ctx.autocast))  # what the model is, not its latent weights
         m = ctx.reduce_metrics(m)
@@ -141,7 +147,11 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
                 f"test {m['top1']:.2%}" + (f" density {m['density']:.4f}" if "density" in m else "")
                 + f" {m['images_per_s']:.0f} img/s {m['seconds']:.1f}s")
     states = constrainer.finish() if constrainer is not None else {}
-    final = ctx.reduce_metrics(evaluate(model, test_loader, ctx.autocast))
+    final = evaluate(model, test_loader, ctx.autocast)
+    if adv is not None and adv.eval_images:
+        r = robust_accuracy(model, test_loader, adv.attack, b.mean, b.std, -(-adv.eval_images // ctx.world_size), ctx.autocast)
+        final.update({f"robust:{adv.attack.name}": r["accuracy"], "robust_images": r["images"]})
+    final = ctx.reduce_metrics(final)
     sd = ctx.state_dict(model)
     weights = {n: sd[n] for n in plans}
     violations = verify(plans, weights, {n: s.library for n, s in states.items() if s.library is not None})
@@ -151,6 +161,7 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     report = {"format": STAGE_FORMAT, "pipeline": cfg.name, "stage": stage.name, "kind": stage.kind,
               "model": cfg.model.name, "data": cfg.data.name, "top1": final["top1"], "top5": final["top5"],
               "test_loss": final["test_loss"], "world_size": ctx.world_size,
+              "robust": {k.split(":", 1)[1]: v for k, v in final.items() if k.startswith("robust:")},
               "seconds": time.perf_counter() - t0, "epochs": stage.epochs, "history": history,
               "constraint_stats": constrainer.stats if constrainer else {}, **rep}
     states_cpu = {n: _cpu_state(s) for n, s in states.items()}

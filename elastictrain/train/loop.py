@@ -1,7 +1,8 @@
 """The epoch loop: optimizer and LR schedule from typed configs, one training epoch, evaluation.
 
-One step is: (adversarial inputs, if a hook is given) → ``before_forward`` → forward/backward →
-``after_backward`` → clip → optimizer step → LR step → ``after_step``. Under data parallelism the
+One step is: ``before_forward`` → (adversarial inputs, if a hook is given: attacked at the
+effective — quantized — weights the forward will use) → forward/backward → ``after_backward`` →
+clip → optimizer step → LR step → ``after_step``. Under data parallelism the
 gradient all-reduce happens inside backward (DDP / DeepSpeed), so every rank steps identical
 weights and the constrainer's deterministic updates stay identical too.
 """
@@ -107,7 +108,10 @@ class TorchStepper:
 class Hooks:
     """Optional callables the loop calls; the pipeline fills them (adversarial inputs, logging)."""
 
-    make_inputs: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    adversarial: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    """adversarial versions of a batch (``robust.attack``); the step then minimises
+    (1 − adv_beta) · CE(clean) + adv_beta · CE(adversarial), both halves in one forward."""
+    adv_beta: float = 0.5
     on_step: Optional[Callable[[dict], None]] = None
 
 
@@ -123,13 +127,19 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
     loss_fn = nn.CrossEntropyLoss()
     t0, n_seen, loss_sum, correct, steps = time.perf_counter(), 0, 0.0, 0, 0
     for x, y in loader:
-        if hooks.make_inputs is not None:
-            x = hooks.make_inputs(model, x, y)
         if constrainer is not None:
             constrainer.before_forward()
+        n = y.numel()
+        if hooks.adversarial is not None:
+            x_adv = hooks.adversarial(model, x, y)
+            x = x_adv if hooks.adv_beta >= 1 else torch.cat([x, x_adv])
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x)
-            loss = loss_fn(out.float(), y)
+            out = model(x).float()
+            if x.shape[0] == n:
+                loss = loss_fn(out, y)
+            else:  # [clean; adversarial]: the seed's adversarial_beta mix
+                loss = (1 - hooks.adv_beta) * loss_fn(out[:n], y) + hooks.adv_beta * loss_fn(out[n:], y)
+                out = out[:n]
         stepper.backward(loss)
         if constrainer is not None:
             constrainer.after_backward()
