@@ -23,7 +23,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import fail
+from .config import ConfigError, fail
 
 
 @dataclass(slots=True)
@@ -70,17 +70,20 @@ class AdversarialConfig:
             fail("eval_images", f"must be >= 0 (got {self.eval_images})")
 
 
-def parse_attacks(text: str, where: str = "--attacks") -> list[AttackConfig]:
-    """``"fgsm,pgd"``, ``"pgd-20"``, ``"pgd-50"`` … → attack configs (PGD: α = 2/255, 8/255 ball)."""
+def parse_attacks(text: str, eps: float = 8 / 255, where: str = "--attacks") -> list[AttackConfig]:
+    """``"fgsm,pgd"``, ``"pgd-20"``, ``"pgd-50"`` … → attack configs of radius ``eps`` (PGD: α = eps / 4)."""
     out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        kind, _, k = item.partition("-")
-        if kind == "fgsm" and not k:
-            out.append(AttackConfig(kind="fgsm"))
-        elif kind == "pgd" and (not k or k.isdigit()):
-            out.append(AttackConfig(kind="pgd", steps=int(k) if k else 7))
-        else:
-            raise ValueError(f"{where}: unknown attack {item!r} (expected fgsm, pgd or pgd-K)")
+    try:
+        for item in (t.strip() for t in text.split(",") if t.strip()):
+            kind, _, k = item.partition("-")
+            if kind == "fgsm" and not k:
+                out.append(AttackConfig(kind="fgsm", eps=eps))
+            elif kind == "pgd" and (not k or k.isdigit()):
+                out.append(AttackConfig(kind="pgd", steps=int(k) if k else 7, eps=eps, alpha=eps / 4 if eps else 1e-3))
+            else:
+                raise ConfigError(f"unknown attack {item!r} (expected fgsm, pgd or pgd-K)")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return out
 
 

@@ -21,7 +21,8 @@ def cmd_init(args) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     checkpoint.atomic_save({"format": checkpoint.FORMAT, "model_state_dict": model.state_dict(),
-                            "local_dict": {"epoch": 0}, "model": args.model}, args.out)
+                            "local_dict": {"epoch": 0}, "model": args.model, "num_classes": args.num_classes,
+                            "in_channels": args.in_channels}, args.out)
     print(f"wrote {args.out}: {args.model}, {sum(p.numel() for p in model.parameters())} parameters")
     return 0
 
@@ -37,7 +38,8 @@ def cmd_compress(args) -> int:
         raise RuntimeError("projection violates its spec: " + "; ".join(map(str, result.violations[:3])))
     out = checkpoint.compressed_checkpoint(result.state_dict, result.states, to_plain(spec),
                                            previous=ckpt if "elastic_trainer_state_dict" in ckpt else None,
-                                           extra={"report": json_safe({k: v for k, v in result.report.items() if k != "layers"})})
+                                           extra={"report": json_safe({k: v for k, v in result.report.items() if k != "layers"}),
+                                                  **{k: ckpt[k] for k in ("model", "num_classes", "in_channels") if k in ckpt}})
     checkpoint.atomic_save(out, args.out)
     if args.report:
         write_json({"checkpoint": str(args.out), "spec": str(args.spec), **result.report}, args.report)
@@ -82,6 +84,33 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from elastictrain.robust import parse_attacks
+
+    from .evaluate import EvalRequest, run_eval
+
+    attacks = parse_attacks(args.attacks, args.eps) if args.attacks else []
+    if attacks and not args.data:
+        raise ConfigError("--attacks: needs --data (robust accuracy is measured on test images)")
+    run_eval(EvalRequest(Path(args.checkpoint), model=args.model, data=args.data, data_root=args.data_root,
+                         pad_to=args.pad_to, limit_test=args.limit_test, batch_size=args.batch_size, device=args.device,
+                         attacks=attacks, attack_images=args.attack_images or None, unit=args.unit,
+                         balance=args.balance, groups=args.groups, json=Path(args.json) if args.json else None,
+                         plots=Path(args.plots) if args.plots else None))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from elastictrain import artifact
+
+    ckpt = checkpoint.load(args.checkpoint)
+    checkpoint.model_state(ckpt, args.checkpoint)
+    info = artifact.export(ckpt, args.out)
+    print(artifact.format_report(info) if hasattr(artifact, "format_report") else info)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elastictrain", description="Train and compress DNNs under a mixture of constraints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +137,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run directory (default: runs/<pipeline name>)")
     s.add_argument("--stages", help="comma-separated stage names to run (earlier ones must have finished)")
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("eval", help="accuracy, robust accuracy and compression statistics of a checkpoint or .etz")
+    s.add_argument("checkpoint")
+    s.add_argument("--data", help="data set name (fashion-mnist, mnist, cifar10, cifar100, imagefolder); "
+                                  "without it only compression statistics are reported")
+    s.add_argument("--data-root", help="folder holding the data set's files")
+    s.add_argument("--pad-to", type=int, help="zero-pad images to this side (e.g. 32 for 28×28 data on VGG)")
+    s.add_argument("--limit-test", type=int, help="use only the first N test images")
+    s.add_argument("--batch-size", type=int, default=512)
+    s.add_argument("--model", help="model name when the checkpoint records none (the seed's checkpoints)")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    s.add_argument("--attacks", help="comma-separated: fgsm, pgd (PGD-7), pgd-20, pgd-50 …")
+    s.add_argument("--eps", type=float, default=8 / 255, help="L∞ radius in pixel units (default 8/255)")
+    s.add_argument("--attack-images", type=int, default=1000, help="test images attacked (0 = all)")
+    s.add_argument("--unit", help="structured statistics: units entirely zero (kernel, filter, channel or a grid)")
+    s.add_argument("--balance", help="workload balance for a grid, e.g. '{filter: 16, channel: 4}'")
+    s.add_argument("--groups", help="codebook statistics for a grid: unique values per group")
+    s.add_argument("--json", help="write everything as JSON here")
+    s.add_argument("--plots", help="write weights.png (non-zero histograms) and density.png here")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("export", help="write a checkpoint as a packed .etz artifact (its bytes: the honest ratio)")
+    s.add_argument("checkpoint")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("verify", help="check a checkpoint's weights against a spec")
     s.add_argument("checkpoint")

@@ -138,3 +138,12 @@ def make_loaders(bundle: DataBundle, cfg: DataConfig, device: torch.device | str
     train = make_loader(bundle.train, cfg.batch_size, train=True, augment=cfg.augment, **common)
     test = make_loader(bundle.test, cfg.eval_batch_size, train=False, augment=False, **common)
     return train, test
+
+
+def make_test_loader(bundle: DataBundle, cfg: DataConfig, device: torch.device | str, rank: int = 0, world_size: int = 1):
+    """The test split alone, as ``make_loaders`` builds it (evaluation needs no training batches)."""
+    common = dict(device=device, hflip=bundle.hflip, mean=bundle.mean, std=bundle.std, seed=0, rank=rank,
+                  world_size=world_size, workers=cfg.workers)
+    if isinstance(bundle.test, InMemory):
+        common.update(pad_to=cfg.pad_to, crop_padding=cfg.crop_padding)
+    return make_loader(bundle.test, cfg.eval_batch_size, train=False, augment=False, **common)

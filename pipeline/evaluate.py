@@ -1,0 +1,150 @@
+"""``elastictrain eval``: a final checkpoint on one device — accuracy, robust accuracy, compression.
+
+Reads this project's checkpoints, the research release's (``model_state_dict`` +
+``elastic_trainer_state_dict.model_buffers_state_dict`` + ``local_dict``: compression baked into
+the weights) and packed ``.etz`` artifacts. Checkpoints load with ``weights_only=True`` only: a file
+that needs arbitrary unpickling is refused before any of it runs. No Ray, DeepSpeed or cluster.
+
+Without data it reports compression alone (inspecting a checkpoint needs no data set). The model
+comes from the checkpoint (``model``, ``num_classes``, ``in_channels``, as stages record them) or
+from ``--model``; classes and channels are otherwise read off the weights' shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from elastictrain import checkpoint
+from elastictrain.config import ConfigError
+from elastictrain.grid import as4d
+from elastictrain.plan import LayerPlan, layer_kind, resolve
+from elastictrain.spec import Quantize, parse as parse_spec
+
+from .artifacts import json_safe, write_json
+
+
+@dataclass
+class EvalRequest:
+    path: Path
+    model: Optional[str] = None
+    data: Optional[str] = None
+    data_root: Optional[str] = None
+    pad_to: Optional[int] = None
+    limit_test: Optional[int] = None
+    batch_size: int = 512
+    device: str = "auto"
+    attacks: list = field(default_factory=list)
+    attack_images: Optional[int] = 1000
+    unit: Optional[str] = None
+    balance: Optional[str] = None
+    groups: Optional[str] = None
+    json: Optional[Path] = None
+    plots: Optional[Path] = None
+
+
+def load_any(path: Path) -> dict:
+    """A checkpoint dict from a ``.pt`` checkpoint (ours or the seed's) or a ``.etz`` artifact."""
+    if path.suffix == ".etz":
+        from elastictrain import artifact
+
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such artifact")
+        try:
+            return artifact.load(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return checkpoint.load(path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda asked for, but no GPU is visible")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def plans_of(ckpt: dict, sd: dict[str, torch.Tensor], source: str) -> dict[str, LayerPlan]:
+    """The layers' plans: from the recorded spec, else (the seed's checkpoints) from the
+    quantization tables — bits = log2(levels), one codebook per table row — for the accounting."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_floating_point(v)}
+    if isinstance(ckpt.get("spec"), dict):
+        return resolve(parse_spec(ckpt["spec"]), shapes, f"{source}: spec")
+    plans = {}
+    for name, table in checkpoint.buffers(ckpt)["quantization_table"].items():
+        if name not in shapes or layer_kind(shapes[name]) is None or table.dim() != 2:
+            continue
+        bits = max(1, math.ceil(math.log2(max(table.shape[1], 2))))
+        shape4 = tuple(as4d(torch.empty(shapes[name], device="meta")).shape)
+        plans[name] = LayerPlan(name, -1, layer_kind(shapes[name]), shapes[name], shape4,
+                                quantize=Quantize(bits=bits), quant_parts=(table.shape[0], 1, 1, 1))
+    return plans
+
+
+def _model_for(ckpt: dict, sd: dict, req: EvalRequest):
+    from elastictrain.models import build_model
+
+    name = req.model or ckpt.get("model")
+    if not name:
+        raise ConfigError(f"{req.path}: the checkpoint records no model name; pass --model (e.g. vgg16)")
+    convs = [v for v in sd.values() if v.dim() == 4]
+    linears = [v for v in sd.values() if v.dim() == 2]
+    classes = ckpt.get("num_classes") or (linears[-1].shape[0] if linears else None)
+    channels = ckpt.get("in_channels") or (convs[0].shape[1] if convs else None)
+    model = build_model(name, num_classes=classes, in_channels=channels)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ConfigError(f"{req.path}: weights do not fit model {name!r} ({what}{' …' if len(missing or unexpected) > 3 else ''})")
+    return model
+
+
+def run_eval(req: EvalRequest, log=print) -> dict:
+    """Everything ``elastictrain eval`` prints, as a dict (also written to ``req.json``)."""
+    from elastictrain.inspect import format_summary, summary
+
+    device = _device(req.device)
+    ckpt = load_any(req.path)
+    sd = checkpoint.model_state(ckpt, str(req.path))
+    plans = plans_of(ckpt, sd, str(req.path))
+    out = summary({k: v for k, v in sd.items() if torch.is_floating_point(v)}, plans,
+                  unit=req.unit, balance=req.balance, groups=req.groups)
+    out = {"checkpoint": str(req.path), "epoch": ckpt.get("local_dict", {}).get("epoch"), **out}
+    bundle = None
+    if req.data is not None:
+        from elastictrain.data import DataConfig, load as load_data
+        from elastictrain.data.loader import make_test_loader
+
+        data = DataConfig(name=req.data, root=req.data_root, pad_to=req.pad_to, limit_test=req.limit_test,
+                          eval_batch_size=req.batch_size)
+        bundle = load_data(data)
+    model = _model_for(ckpt, sd, req).to(device) if bundle is not None or req.model or ckpt.get("model") else None
+    if bundle is not None:
+        from elastictrain.robust import robust_accuracy
+        from elastictrain.train import evaluate
+
+        test = make_test_loader(bundle, data, device)
+        acc = evaluate(model, test)
+        out.update(top1=acc["top1"], top5=acc["top5"], test_loss=acc["test_loss"], test_images=acc["test_images"])
+        out["robust"] = {}
+        for a in req.attacks:
+            torch.manual_seed(0)  # PGD's random start: the same report twice
+            r = robust_accuracy(model, test, a, bundle.mean, bundle.std, req.attack_images)
+            out["robust"][a.name] = r["accuracy"]
+            out["robust_images"] = r["images"]
+            log(f"[eval] {a.name} (eps {a.eps:.4f}): {r['accuracy']:.2%} of {r['images']} images")
+    log(format_summary(out))
+    if bundle is not None:
+        log(f"top-1 {out['top1']:.2%}  top-5 {out['top5']:.2%} on {out['test_images']} test images ({device})")
+    if req.plots is not None:
+        from .plots import density_chart, weight_histograms
+
+        out["plots"] = [str(weight_histograms({n: v for n, v in sd.items() if layer_kind(tuple(v.shape))}, req.plots / "weights.png")),
+                        str(density_chart(out, req.plots / "density.png"))]
+    if req.json is not None:
+        write_json(json_safe(out), req.json)
+    return out
