@@ -106,8 +106,13 @@ def cmd_export(args) -> int:
     ckpt = checkpoint.load(args.checkpoint)
     checkpoint.model_state(ckpt, args.checkpoint)
     info = artifact.export(ckpt, args.out)
-    print(artifact.format_report(info) if hasattr(artifact, "format_report") else info)
-    print(f"wrote {args.out}")
+    head = f"{'layer':<24}{'params':>11}{'kept':>10}  {'mask':<22}{'values':<14}{'bytes':>10}"
+    print("\n".join([head, "-" * len(head)] + [
+        f"{l['name'][:24]:<24}{l['params']:>11}{l['kept']:>10}  {l['mask'][:22]:<22}{l['values'][:14]:<14}{l['bytes']:>10}"
+        for l in info["layers"]]))
+    print(f"{args.out}: {info['bytes']:,} bytes — weights {info['weights_bytes']:,}, BN/biases {info['other_bytes']:,} "
+          f"({info['bn_dtype']}), header {info['header_bytes']:,}; honest ratio {info['honest_compression']:,.1f}× "
+          f"(weights), {info['model_compression']:,.1f}× (whole model)")
     return 0
 
 

@@ -103,6 +103,20 @@ def _model_for(ckpt: dict, sd: dict, req: EvalRequest):
     return model
 
 
+def _packed(path: Path, ckpt: dict) -> dict:
+    """The packed artifact's bytes and honest ratio (exported to a scratch file for a checkpoint)."""
+    import tempfile
+
+    from elastictrain import artifact
+
+    with tempfile.TemporaryDirectory() as tmp:  # (an .etz re-exports to the same sizes)
+        info = artifact.export(ckpt, Path(tmp) / "m.etz")
+    if path.suffix == ".etz":
+        info["bytes"] = path.stat().st_size
+    return {"artifact_bytes": info["bytes"], "artifact_weights_bytes": info["weights_bytes"],
+            "honest_compression": info["honest_compression"], "artifact_model_compression": info["model_compression"]}
+
+
 def run_eval(req: EvalRequest, log=print) -> dict:
     """Everything ``elastictrain eval`` prints, as a dict (also written to ``req.json``)."""
     from elastictrain.inspect import format_summary, summary
@@ -113,7 +127,7 @@ def run_eval(req: EvalRequest, log=print) -> dict:
     plans = plans_of(ckpt, sd, str(req.path))
     out = summary({k: v for k, v in sd.items() if torch.is_floating_point(v)}, plans,
                   unit=req.unit, balance=req.balance, groups=req.groups)
-    out = {"checkpoint": str(req.path), "epoch": ckpt.get("local_dict", {}).get("epoch"), **out}
+    out = {"checkpoint": str(req.path), "epoch": ckpt.get("local_dict", {}).get("epoch"), **out, **_packed(req.path, ckpt)}
     bundle = None
     if req.data is not None:
         from elastictrain.data import DataConfig, load as load_data
@@ -138,6 +152,8 @@ def run_eval(req: EvalRequest, log=print) -> dict:
             out["robust_images"] = r["images"]
             log(f"[eval] {a.name} (eps {a.eps:.4f}): {r['accuracy']:.2%} of {r['images']} images")
     log(format_summary(out))
+    log(f"packed artifact: {out['artifact_bytes']:,} bytes — honest ratio {out['honest_compression']:,.1f}× (weights), "
+        f"{out['artifact_model_compression']:,.1f}× (whole model) vs nominal {out['nominal_compression']:,.1f}×")
     if bundle is not None:
         log(f"top-1 {out['top1']:.2%}  top-5 {out['top5']:.2%} on {out['test_images']} test images ({device})")
     if req.plots is not None:

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from elastictrain import checkpoint
+from elastictrain import artifact, checkpoint
 from elastictrain.accounting import report as accounting_report
 from elastictrain.config import ConfigError, to_plain
 from elastictrain.data import DataBundle, make_loaders
@@ -175,6 +175,9 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     if ctx.rank == 0:  # every rank holds the same weights and state; one writes
         out = stage_dir(ctx, stage)
         checkpoint.atomic_save(ckpt, out / "checkpoint.pt")
+        packed = artifact.export(ckpt, out / "model.etz")  # the honest size beside the nominal ratio
+        report.update(artifact_bytes=packed["bytes"], artifact_weights_bytes=packed["weights_bytes"],
+                      honest_compression=packed["honest_compression"], artifact_model_compression=packed["model_compression"])
         write_json(report, out / "report.json")
     return report
 

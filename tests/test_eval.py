@@ -108,6 +108,16 @@ def test_our_checkpoint_with_data_attacks_and_plots(tmp_path, capsys):
     assert not bal["features.3.weight"].get("skipped") and bal["features.3.weight"]["equal"]  # balanced kernels
     for png in ("weights.png", "density.png"):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the packed artifact: exported, then evaluated in place of the checkpoint — same figures
+    etz = tmp_path / "small.etz"
+    assert main(["export", str(small), "--out", str(etz)]) == 0
+    assert "honest ratio" in capsys.readouterr().out
+    out2 = tmp_path / "eval-etz.json"
+    assert main(["eval", str(etz), "--data", "fashion-mnist", "--limit-test", "300", "--json", str(out2)]) == 0
+    rep2 = json.loads(out2.read_text())
+    assert (rep2["top1"], rep2["top5"], rep2["nonzeros"]) == (rep["top1"], rep["top5"], rep["nonzeros"])
+    assert rep2["artifact_bytes"] == etz.stat().st_size == rep["artifact_bytes"]
+    assert rep["honest_compression"] == pytest.approx(32 * rep["total_params"] / (8 * rep["artifact_weights_bytes"]))
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys, seed_checkpoint):

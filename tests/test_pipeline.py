@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from elastictrain import checkpoint
+from elastictrain import artifact, checkpoint
 from elastictrain.config import ConfigError
 from elastictrain.data import load as load_data, make_loaders
 from elastictrain.models import build_model
@@ -115,6 +115,13 @@ def test_report_matches_an_independent_recount(run):
         model = build_model("smallcnn", num_classes=10, in_channels=1)
         model.load_state_dict(sd)
         assert evaluate(model, test_loader)["top1"] == pytest.approx(r["top1"])
+        # the packed artifact beside the checkpoint: its bytes are the honest ratio, its weights the same
+        etz = tmp / "out" / r["stage"] / "model.etz"
+        assert r["artifact_bytes"] == etz.stat().st_size
+        assert r["honest_compression"] == pytest.approx(32 * params / (8 * r["artifact_weights_bytes"]))
+        assert r["honest_compression"] < r["nominal_compression"]
+        packed = artifact.load(etz)["model_state_dict"]
+        assert all(torch.equal(packed[k], v) for k, v in sd.items())
 
 
 def test_rerun_skips_finished_stages(run):
