@@ -87,7 +87,7 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from elastictrain.robust import parse_attacks
 
-    from .evaluate import EvalRequest, run_eval
+    from .evaluate import EvalRequest, parse_rename, run_eval
 
     attacks = parse_attacks(args.attacks, args.eps) if args.attacks else []
     if attacks and not args.data:
@@ -95,7 +95,8 @@ def cmd_eval(args) -> int:
     run_eval(EvalRequest(Path(args.checkpoint), model=args.model, data=args.data, data_root=args.data_root,
                          pad_to=args.pad_to, limit_test=args.limit_test, batch_size=args.batch_size, device=args.device,
                          attacks=attacks, attack_images=args.attack_images or None, unit=args.unit,
-                         balance=args.balance, groups=args.groups, json=Path(args.json) if args.json else None,
+                         balance=args.balance, groups=args.groups, rename=parse_rename(args.rename or ""),
+                         json=Path(args.json) if args.json else None,
                          plots=Path(args.plots) if args.plots else None))
     return 0
 
@@ -159,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--unit", help="structured statistics: units entirely zero (kernel, filter, channel or a grid)")
     s.add_argument("--balance", help="workload balance for a grid, e.g. '{filter: 16, channel: 4}'")
     s.add_argument("--groups", help="codebook statistics for a grid: unique values per group")
+    s.add_argument("--rename", help="map parameter names of another model definition onto ours: "
+                                    "'shortcut.=downsample.,linear.=fc.'")
     s.add_argument("--json", help="write everything as JSON here")
     s.add_argument("--plots", help="write weights.png (non-zero histograms) and density.png here")
     s.set_defaults(fn=cmd_eval)

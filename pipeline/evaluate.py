@@ -42,6 +42,9 @@ class EvalRequest:
     unit: Optional[str] = None
     balance: Optional[str] = None
     groups: Optional[str] = None
+    rename: list = field(default_factory=list)
+    """(old, new) parameter-name fragments, e.g. ("shortcut.", "downsample."), for checkpoints whose
+    model definition names layers differently from ours."""
     json: Optional[Path] = None
     plots: Optional[Path] = None
 
@@ -117,6 +120,26 @@ def _packed(path: Path, ckpt: dict) -> dict:
             "honest_compression": info["honest_compression"], "artifact_model_compression": info["model_compression"]}
 
 
+def _renamed(d: dict, rename: list) -> dict:
+    out = {}
+    for k, v in d.items():
+        for old, new in rename:
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def parse_rename(text: str) -> list[tuple[str, str]]:
+    """``"shortcut.=downsample.,linear.=fc."`` → [("shortcut.", "downsample."), ("linear.", "fc.")]."""
+    pairs = []
+    for item in (t for t in text.split(",") if t.strip()):
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip():
+            raise ConfigError(f"--rename: expected OLD=NEW pairs separated by commas (got {item!r})")
+        pairs.append((old.strip(), new.strip()))
+    return pairs
+
+
 def run_eval(req: EvalRequest, log=print) -> dict:
     """Everything ``elastictrain eval`` prints, as a dict (also written to ``req.json``)."""
     from elastictrain.inspect import format_summary, summary
@@ -124,6 +147,9 @@ def run_eval(req: EvalRequest, log=print) -> dict:
     device = _device(req.device)
     ckpt = load_any(req.path)
     sd = checkpoint.model_state(ckpt, str(req.path))
+    if req.rename:
+        sd, ckpt = _renamed(sd, req.rename), {**ckpt, "elastic_trainer_state_dict": {"model_buffers_state_dict": {
+            k: _renamed(v, req.rename) for k, v in checkpoint.buffers(ckpt).items()}}}
     plans = plans_of(ckpt, sd, str(req.path))
     out = summary({k: v for k, v in sd.items() if torch.is_floating_point(v)}, plans,
                   unit=req.unit, balance=req.balance, groups=req.groups)

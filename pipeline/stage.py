@@ -131,7 +131,9 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     hooks = Hooks()
     adv = stage.adversarial
     if adv is not None:  # each rank attacks its own shard of the batch
-        hooks = Hooks(adversarial=lambda m, x, y: attack(m, x, y, adv.attack, b.mean, b.std, ctx.autocast),
+        # through the module, not a DeepSpeed engine: an engine treats any backward through it —
+        # the attack's input gradients included — as a training backward and reduces gradients
+        hooks = Hooks(adversarial=lambda _, x, y: attack(model, x, y, adv.attack, b.mean, b.std, ctx.autocast),
                       adv_beta=adv.beta)
     for epoch in range(stage.epochs):
         train_loader.set_epoch(epoch)

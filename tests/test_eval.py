@@ -64,6 +64,21 @@ def test_seed_format_counts_match_an_independent_count(seed_checkpoint, tmp_path
     assert "nonzeros" in capsys.readouterr().out
 
 
+def test_rename_maps_another_definitions_names(tmp_path):
+    """A ResNet saved under the common CIFAR port's names (``shortcut``, ``linear``) reads with --rename."""
+    torch.manual_seed(0)
+    sd = build_model("resnet20").state_dict()
+    theirs = {k.replace("downsample.", "shortcut.").replace("fc.", "linear."): v for k, v in sd.items()}
+    assert theirs.keys() != sd.keys()
+    path = tmp_path / "theirs.pt"
+    torch.save({"model_state_dict": theirs, "local_dict": {"epoch": 1}}, path)
+    assert main(["eval", str(path), "--model", "resnet20", "--data", "fashion-mnist", "--limit-test", "1"]) == 2
+    out = tmp_path / "e.json"
+    assert main(["eval", str(path), "--model", "resnet20", "--rename", "shortcut.=downsample.,linear.=fc.",
+                 "--json", str(out)]) == 0
+    assert {l["name"] for l in json.loads(out.read_text())["layers"]} == {k for k, v in sd.items() if v.dim() in (2, 4)}
+
+
 def test_refuses_a_pickled_callable_without_running_it(tmp_path, capsys):
     marker = tmp_path / "payload-ran"
 

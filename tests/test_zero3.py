@@ -159,3 +159,55 @@ def test_bf16_autocast_over_fp32_weights(tmp_path):
             assert r["weights"] == ["torch.float32"] and r["loss_finite"] and r["refits"] >= 2
             assert r["violations"] == []
         assert r0["checksum"] == r1["checksum"]
+
+
+def _adversarial_worker(rank: int, world: int, spec: str, zero: int):
+    """Adversarial training through a DeepSpeed engine: each rank attacks its own shard."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    from elastictrain.models import build_model
+    from elastictrain.robust import AttackConfig, attack, robust_accuracy
+    from elastictrain.train import Constrainer, EnforceConfig, Hooks, LRConfig, OptimConfig, build_optimizer, build_scheduler, train_epoch
+    from elastictrain.verify import verify
+    from jobs.deepspeed_engine import engine_factory, gathered_state_dict
+    from jobs.ray_train import with_rank_checks
+    from pipeline.config import DeepSpeedConfig, StageConfig
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", num_classes=10, in_channels=1)
+    plans = resolve(load(spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
+    opt = build_optimizer(model, OptimConfig(lr=0.05))
+    c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="fixed", refit_every=3), 6)
+    make = with_rank_checks(engine_factory(DeepSpeedConfig(zero_stage=zero), 16, world, torch.device("cpu")))
+    engine, stepper = make(model, opt, build_scheduler(opt, LRConfig(name="constant"), 6, 1),
+                           StageConfig(name="t", kind="quantize", spec=str(spec)), c)
+    c.begin(opt)
+    g = torch.Generator().manual_seed(11 + rank)
+    mean, std = (0.3,), (0.35,)  # batches arrive normalized, as the loader makes them
+    batches = [((torch.rand(16, 1, 28, 28, generator=g) - mean[0]) / std[0], torch.randint(0, 10, (16,), generator=g))
+               for _ in range(6)]
+    fgsm = AttackConfig(kind="fgsm", eps=0.1)
+    seen = []
+
+    def adv(m, x, y):
+        x_adv = attack(model, x, y, fgsm, mean, std)  # the module, not the engine (see pipeline.stage)
+        seen.append(float((x_adv - x).abs().max() * std[0]))  # the largest pixel change
+        return x_adv
+
+    m = train_epoch(engine, batches, stepper, c, Hooks(adversarial=adv, adv_beta=0.5))
+    r = robust_accuracy(model, batches[:2], AttackConfig(kind="pgd", steps=3, eps=0.1, alpha=0.03), mean, std)
+    c.finish()
+    sd = gathered_state_dict(model) if zero == 3 else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"steps": m["steps"], "loss_finite": bool(np.isfinite(m["loss"])), "max_change": max(seen),
+            "robust_images": r["images"], "violations": [str(v) for v in verify(plans, {n: sd[n] for n in plans})],
+            "checksum": c.checksum()}
+
+
+def test_adversarial_training_through_deepspeed_engines(tmp_path):
+    for zero in (2, 3):
+        r0, r1 = run2(tmp_path / f"adv{zero}", _adversarial_worker, str(SPEC), zero)
+        for r in (r0, r1):
+            assert r["steps"] == 6 and r["loss_finite"] and r["robust_images"] == 32
+            assert 0.09 < r["max_change"] <= 0.1 + 1e-5  # FGSM moved pixels by up to ε
+            assert r["violations"] == []
+        assert r0["checksum"] == r1["checksum"]
