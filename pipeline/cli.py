@@ -117,6 +117,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    submit(args.pipeline, args.cluster, args.out, args.dry_run)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .submit import status
+
+    status(args.run_dir)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elastictrain", description="Train and compress DNNs under a mixture of constraints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,6 +184,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("submit", help="submit a pipeline's unfinished stages to a Slurm or Ray cluster")
+    s.add_argument("pipeline")
+    s.add_argument("--cluster", required=True, help="a kind: slurm cluster, or kind: ray with ray.job_server")
+    s.add_argument("--out", help="run directory (default: <cluster storage>/<pipeline name>; shared storage)")
+    s.add_argument("--dry-run", action="store_true", help="print the job scripts instead of submitting")
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("status", help="each stage's state of a submitted run")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("verify", help="check a checkpoint's weights against a spec")
     s.add_argument("checkpoint")

@@ -23,6 +23,8 @@ from elastictrain.robust import AdversarialConfig
 from elastictrain.spec import Spec, load as load_spec, parse as parse_spec
 from elastictrain.train import EnforceConfig, LRConfig, OptimConfig
 
+from .cluster import ClusterConfig, DeepSpeedConfig, RayConfig, SlurmConfig, load_cluster  # re-exported
+
 KINDS = ("dense_pretrain", "progressive_prune", "quantize", "finetune")
 
 
@@ -82,81 +84,6 @@ class PipelineConfig:
             seen.add(s.name)
 
 
-@dataclass(slots=True)
-class RayConfig:
-    address: str = "local"
-    """``local``: start Ray in-process on this machine; else a running head (``127.0.0.1:6379``, ``auto``)."""
-    num_workers: int = 2
-    """data-parallel workers (ranks), one DeepSpeed engine each."""
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    storage_path: str = "runs/ray"
-    """where Ray Train keeps its checkpoints (shared storage on a multi-node cluster)."""
-    dashboard_host: str = "127.0.0.1"
-    """interface the dashboard of a local Ray binds to (loopback unless you need it reachable)."""
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            fail("num_workers", f"must be >= 1 (got {self.num_workers})")
-        if self.cpus_per_worker <= 0:
-            fail("cpus_per_worker", f"must be > 0 (got {self.cpus_per_worker})")
-        if self.gpus_per_worker < 0:
-            fail("gpus_per_worker", f"must be >= 0 (got {self.gpus_per_worker})")
-
-
-@dataclass(slots=True)
-class DeepSpeedConfig:
-    """What each worker's DeepSpeed engine is told; the DeepSpeed JSON is generated from this."""
-
-    zero_stage: int = 2
-    """ZeRO stage 0–3 (0: plain data parallel; 1: optimizer states; 2: + gradients; 3: + parameters)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs, fp32 on CPUs. bf16 is autocast compute over fp32 weights (see
-    ``jobs.deepspeed_engine``); fp16 is refused: fp16 weights cannot hold fp32 codebook values."""
-    gradient_accumulation: int = 1
-    gradient_clipping: Optional[float] = None
-    sparse_reduce: bool = False
-    """ZeRO 0 only: all-reduce only the kept weights' gradients (identical masks on every rank)."""
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            fail("zero_stage", f"must be 0, 1, 2 or 3 (got {self.zero_stage})")
-        if self.gradient_accumulation < 1:
-            fail("gradient_accumulation", f"must be >= 1 (got {self.gradient_accumulation})")
-        if self.gradient_clipping is not None and self.gradient_clipping <= 0:
-            fail("gradient_clipping", f"must be > 0 (got {self.gradient_clipping})")
-        if self.precision == "fp16":
-            fail("precision", "fp16 is not supported: fp16 weights round every codebook value and need loss "
-                 "scaling; use bf16 (autocast over fp32 weights, exact codebooks)")
-        if self.sparse_reduce and self.zero_stage != 0:
-            fail("sparse_reduce", "needs zero_stage 0 (ZeRO 1–3 reduce inside DeepSpeed's partitioned buffers)")
-
-
-@dataclass(slots=True)
-class ClusterConfig:
-    """Where stages run. ``single``: this machine, one process, no Ray (also a single-GPU box);
-    ``ray``: Ray Train workers, each a DeepSpeed engine."""
-
-    name: str = "single"
-    kind: Literal["single", "ray"] = "single"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Optional[int] = None
-    """torch intra-op threads per process on the CPU (default: torch's choice)."""
-    ray: Optional[RayConfig] = None
-    deepspeed: Optional[DeepSpeedConfig] = None
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            fail("threads", f"must be >= 1 (got {self.threads})")
-        if self.kind == "ray":
-            self.ray = self.ray or RayConfig()
-            self.deepspeed = self.deepspeed or DeepSpeedConfig()
-        elif self.ray is not None or self.deepspeed is not None:
-            fail("kind", "a single-process cluster takes no ray or deepspeed section (kind: ray does)")
-        if self.kind == "ray" and self.device == "cuda" and self.ray.gpus_per_worker == 0:
-            fail("ray.gpus_per_worker", "device: cuda needs GPUs per worker")
-
-
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Parse and validate a pipeline file, loading every stage's spec (relative paths resolve
     against the pipeline file's folder); the previous stage's spec carries into a finetune stage."""
@@ -180,17 +107,4 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     return cfg
 
 
-DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "configs" / "clusters" / "local.yaml"
-
-
-def load_cluster(path: str | Path | None) -> ClusterConfig:
-    """A cluster config; ``None`` means the embedded default, ``configs/clusters/local.yaml``."""
-    if path is None:
-        path = DEFAULT_CLUSTER
-    try:
-        return build(ClusterConfig, load_yaml(path))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-__all__ = ["ClusterConfig", "DeepSpeedConfig", "RayConfig", "ModelConfig", "PipelineConfig", "StageConfig", "load_cluster", "load_pipeline", "parse_spec"]
+__all__ = ["ClusterConfig", "DeepSpeedConfig", "RayConfig", "SlurmConfig", "ModelConfig", "PipelineConfig", "StageConfig", "load_cluster", "load_pipeline", "parse_spec"]

@@ -1,0 +1,150 @@
+"""``elastictrain submit`` / ``status``: a pipeline's stages as cluster jobs, recorded in the run
+directory (``RUN_DIR/submit/jobs.json``) so ``status`` can show them and a resubmission skips
+what finished.
+
+- Slurm: one job per unfinished stage, each ``afterok`` the previous one (see ``jobs.slurm``).
+- Ray (a running head's Jobs API): **one driver job** running ``elastictrain run`` over all stages,
+  not one job per stage. The driver already runs stages in order, stops at the first failure and
+  skips finished ones on a rerun; as a cluster-side job it survives the submitting shell (a
+  per-stage chain would need this process to stay up and wait). ``status`` reads per-stage
+  progress from the run directory and the driver's state from the Jobs API.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from elastictrain import checkpoint
+from elastictrain.config import ConfigError
+
+from .artifacts import write_json
+from .cluster import ClusterConfig, load_cluster
+from .config import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _finished(run_dir: Path, stage: str) -> bool:
+    path = run_dir / stage / "checkpoint.pt"
+    if not path.is_file():
+        return False
+    try:
+        return bool(checkpoint.load(path).get("local_dict", {}).get("finished", False))
+    except ConfigError:
+        return False
+
+
+def _record(run_dir: Path) -> dict:
+    path = run_dir / "submit" / "jobs.json"
+    if not path.is_file():
+        return {}
+    import json
+
+    return json.loads(path.read_text())
+
+
+def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[str] = None, dry_run: bool = False,
+           log=print) -> dict:
+    """Submit every unfinished stage; returns (and records) {stage: job id}."""
+    pipeline_path = Path(pipeline_path).resolve()
+    cfg = load_pipeline(pipeline_path)
+    cluster = load_cluster(cluster_path)
+    if cluster.kind == "single" or (cluster.kind == "ray" and not cluster.ray.job_server):
+        raise ConfigError(f"cluster {cluster.name!r}: submit needs kind: slurm, or kind: ray with ray.job_server "
+                          "(use `elastictrain run` to run here)")
+    if cluster.kind == "slurm" and cfg.data.batch_size % (cluster.slurm.nodes * cluster.slurm.ranks_per_node):
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not divide over the "
+                          f"{cluster.slurm.nodes * cluster.slurm.ranks_per_node} ranks of cluster {cluster.name!r}")
+    run_dir = (Path(out) if out else Path(cluster.storage) / cfg.name).resolve()
+    pending = [s.name for s in cfg.stages if not _finished(run_dir, s.name)]
+    if not pending:
+        log(f"{run_dir}: every stage has finished; nothing to submit")
+        return {}
+    done = [s.name for s in cfg.stages if s.name not in pending]
+    if done:
+        log(f"finished earlier, not resubmitted: {', '.join(done)}")
+    if cluster.kind == "slurm":
+        jobs = _submit_slurm(cfg.name, pipeline_path, cluster, run_dir, pending, dry_run, log)
+    else:
+        jobs = _submit_ray(pipeline_path, Path(cluster_path).resolve(), cluster, run_dir, dry_run, log)
+    if not dry_run:
+        record = _record(run_dir)
+        record.update(pipeline=str(pipeline_path), cluster=str(Path(cluster_path).resolve()), kind=cluster.kind,
+                      stages=[s.name for s in cfg.stages])
+        record.setdefault("jobs", {}).update({k: {"id": v, "submitted": time.time()} for k, v in jobs.items()})
+        write_json(record, run_dir / "submit" / "jobs.json")
+    return jobs
+
+
+def _submit_slurm(name: str, pipeline: Path, cluster: ClusterConfig, run_dir: Path, stages: list[str],
+                  dry_run: bool, log) -> dict:
+    from jobs.slurm import inner_cluster, render, sbatch
+
+    sub = run_dir / "submit"
+    inner = sub / "cluster.yaml"
+    scripts = {s: render(cluster, pipeline, run_dir, s, name, inner) for s in stages}
+    if dry_run:
+        log(f"# {inner}\n" + yaml.safe_dump(inner_cluster(cluster, run_dir), sort_keys=False))
+        for s, text in scripts.items():
+            log(f"# {sub / (s + '.sbatch')}  (afterok the previous stage)\n{text}")
+        return {}
+    sub.mkdir(parents=True, exist_ok=True)
+    inner.write_text(yaml.safe_dump(inner_cluster(cluster, run_dir), sort_keys=False))
+    jobs, after = {}, None
+    for s, text in scripts.items():
+        path = sub / f"{s}.sbatch"
+        path.write_text(text)
+        after = jobs[s] = sbatch(path, after)
+        log(f"[{s}] submitted: Slurm job {after}" + (f" (afterok {list(jobs.values())[-2]})" if len(jobs) > 1 else ""))
+    return jobs
+
+
+def _submit_ray(pipeline: Path, cluster_path: Path, cluster: ClusterConfig, run_dir: Path, dry_run: bool, log) -> dict:
+    workdir = Path(cluster.ray.working_dir or ROOT).resolve()
+    entry = (f"python -m pipeline.cli run {pipeline} --cluster {cluster_path} --out {run_dir}")
+    env = {"working_dir": str(workdir), "excludes": [".venv", ".git", "runs", "bench/results", "*.pt", "*.etz"]}
+    if dry_run:
+        log(f"# Ray Jobs API at {cluster.ray.job_server}: one driver job\nentrypoint: {entry}\nruntime_env: {env}")
+        return {}
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.ray.job_server)
+    job = client.submit_job(entrypoint=entry, runtime_env=env)
+    log(f"submitted: Ray job {job} at {cluster.ray.job_server} (all stages, in order)")
+    return {"driver": job}
+
+
+def status(run_dir: str | Path, log=print) -> list[dict]:
+    """Each stage's state: finished (its checkpoint), else what the scheduler says of its job."""
+    run_dir = Path(run_dir).resolve()
+    record = _record(run_dir)
+    if not record:
+        raise ConfigError(f"{run_dir}: no submission recorded here (submit/jobs.json missing)")
+    jobs = record.get("jobs", {})
+    scheduler: dict[str, str] = {}
+    if record.get("kind") == "slurm":
+        from jobs.slurm import job_states
+
+        scheduler = job_states([j["id"] for j in jobs.values()])
+    elif "driver" in jobs:
+        scheduler = {jobs["driver"]["id"]: _ray_state(record, jobs["driver"]["id"])}
+    rows = []
+    for stage in record.get("stages", []):
+        job = (jobs.get(stage) or jobs.get("driver") or {}).get("id")
+        state = "FINISHED" if _finished(run_dir, stage) else scheduler.get(job, "UNKNOWN" if job else "NOT SUBMITTED")
+        rows.append({"stage": stage, "job": job, "state": state})
+        log(f"{stage:<24}{job or '-':<14}{state}")
+    return rows
+
+
+def _ray_state(record: dict, job: str) -> str:
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        cluster = load_cluster(record["cluster"])
+        return str(JobSubmissionClient(cluster.ray.job_server).get_job_status(job))
+    except Exception as e:  # the head may be gone: say so rather than fail the whole report
+        return f"UNREACHABLE ({type(e).__name__})"

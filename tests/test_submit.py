@@ -1,0 +1,164 @@
+"""Submission to a real Slurm controller on loopback (slurm/ci/start-slurm.sh: Debian's slurmctld,
+slurmd and munge, started by hand — installed first when missing).
+
+- a pipeline submitted to the local Slurm runs as chained jobs; a stage made to fail (its output
+  folder is a file) cancels the stages after it; resubmission after the fix runs only the
+  remaining stages, and the final report equals a local run's;
+- the 2-node × 8-GPU example's scripts pass ``sbatch --test-only`` against the controller, whose
+  partition ``gpu`` advertises two such nodes — and a script asking for more is refused;
+- ``--dry-run`` renders without submitting; bad cluster configs are one-line errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from elastictrain.config import ConfigError
+from pipeline.cli import main
+from pipeline.cluster import load_cluster
+from pipeline.submit import status, submit
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def _slurm_up() -> bool:
+    return shutil.which("scontrol") is not None and "UP" in subprocess.run(
+        ["scontrol", "ping"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd/munged needs root (slurm/ci/start-slurm.sh)")
+    was_up = _slurm_up()
+    subprocess.run(["bash", str(ROOT / "slurm/ci/start-slurm.sh")], check=True, timeout=300)
+    yield
+    if not was_up:  # stop only what this module started
+        subprocess.run(["bash", str(ROOT / "slurm/ci/stop-slurm.sh")], timeout=120)
+
+
+def _pipeline(tmp: Path) -> Path:
+    cfg = {"name": "slurmtest", "seed": 0, "model": {"name": "smallcnn"},
+           "data": {"name": "fashion-mnist", "batch_size": 100, "limit_train": 1000, "limit_test": 500},
+           "stages": [
+               {"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.05}},
+               {"name": "progressive_prune", "epochs": 1, "spec": str(ROOT / "configs/specs/smallcnn-prune.yaml"),
+                "optimizer": {"lr": 0.02}, "enforce": {"method": "progressive", "update_every": 3, "end": 0.6}},
+               {"name": "quantize", "epochs": 1, "spec": str(ROOT / "configs/specs/smallcnn-mixture.yaml"),
+                "optimizer": {"lr": 0.01, "weight_decay": 0.0}},
+               {"name": "finetune", "epochs": 1, "optimizer": {"lr": 0.002, "weight_decay": 0.0}}]}
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _wait(run_dir: Path, timeout: float = 400) -> list[dict]:
+    end = time.monotonic() + timeout
+    while True:
+        rows = status(run_dir, log=lambda s: None)
+        if all(r["state"] in ("FINISHED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") for r in rows):
+            return rows
+        if time.monotonic() > end:
+            pytest.fail(f"jobs did not finish in {timeout} s: {rows}")
+        time.sleep(2)
+
+
+@pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+def test_chained_jobs_failure_cancels_the_rest_and_resubmission_finishes(slurm, tmp_path):
+    path = _pipeline(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "progressive_prune").write_text("a file where the stage's folder should be")  # the fault
+    jobs = submit(path, ROOT / "configs/clusters/slurm-local.yaml", str(run_dir), log=lambda s: None)
+    assert list(jobs) == ["dense_pretrain", "progressive_prune", "quantize", "finetune"]
+    scripts = {s: (run_dir / "submit" / f"{s}.sbatch").read_text() for s in jobs}
+    assert "--stages quantize" in scripts["quantize"]
+    rows = {r["stage"]: r["state"] for r in _wait(run_dir)}
+    assert rows == {"dense_pretrain": "FINISHED", "progressive_prune": "FAILED", "quantize": "CANCELLED",
+                    "finetune": "CANCELLED"}, rows
+    # dependencies were real: the cancelled jobs never started (no output of theirs)
+    assert not (run_dir / "quantize").exists()
+
+    (run_dir / "progressive_prune").unlink()  # the fix; resubmit: only the remaining stages
+    again = submit(path, ROOT / "configs/clusters/slurm-local.yaml", str(run_dir), log=lambda s: None)
+    assert list(again) == ["progressive_prune", "quantize", "finetune"]
+    assert {r["stage"]: r["state"] for r in _wait(run_dir)} == dict.fromkeys(jobs, "FINISHED")
+    record = json.loads((run_dir / "submit" / "jobs.json").read_text())
+    assert record["jobs"]["dense_pretrain"]["id"] == jobs["dense_pretrain"]  # the first job is still on record
+
+    # the same pipeline run here, one process on one thread as in the job: the same final report
+    local = tmp_path / "local"
+    clu = tmp_path / "single1.yaml"
+    clu.write_text(yaml.safe_dump({"name": "single1", "kind": "single", "device": "cpu", "threads": 1}))
+    assert main(["run", str(path), "--cluster", str(clu), "--out", str(local)]) == 0
+    a = json.loads((run_dir / "finetune" / "report.json").read_text())
+    b = json.loads((local / "finetune" / "report.json").read_text())
+    for key in ("top1", "top5", "nonzeros", "nominal_compression", "storage_bits", "artifact_weights_bytes"):
+        assert a[key] == b[key], key
+
+
+def test_2x8gpu_scripts_pass_sbatch_test_only(slurm, tmp_path):
+    from jobs.slurm import render, sbatch
+
+    for _ in range(60):  # the advertised GPU nodes register a few seconds after the controller starts
+        if subprocess.run(["sinfo", "-h", "-p", "gpu", "-o", "%t"], capture_output=True, text=True).stdout.split() == ["idle"]:
+            break
+        time.sleep(1)
+    cluster = load_cluster(ROOT / "configs/clusters/slurm-2x8gpu.yaml")
+    pipe = ROOT / "configs/experiments/quickstart.yaml"
+
+    def verdict(**change) -> str:
+        for k, v in change.items():
+            setattr(cluster.slurm, k, v)
+        script = tmp_path / "stage.sbatch"
+        script.write_text(render(cluster, pipe, tmp_path / "run", "dense_pretrain", "quickstart", tmp_path / "c.yaml"))
+        return sbatch(script, test_only=True)
+
+    ok = verdict()
+    assert "to start" in ok and "et-gpu[1-2]" in ok and "partition gpu" in ok, ok
+    assert "not available" in verdict(gpus_per_node=9)  # more GPUs than a node has: refused
+    assert "to start" not in verdict(gpus_per_node=8, nodes=3)  # more nodes than the partition has
+
+
+def test_dry_run_renders_without_submitting(tmp_path, capsys):
+    path = ROOT / "configs/experiments/quickstart.yaml"
+    assert main(["submit", str(path), "--cluster", str(ROOT / "configs/clusters/slurm-2x8gpu.yaml"),
+                 "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("#SBATCH --nodes=2") == 4 and out.count("#SBATCH --gpus-per-node=8") == 4
+    assert "source " in out and "slurm/ray-cluster.sh" in out and "num_workers: 16" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cluster,message", [
+    ({"kind": "slurm"}, "slurm: kind: slurm needs a slurm section"),
+    ({"kind": "slurm", "slurm": {"nodes": 0}}, "slurm.nodes: must be >= 1"),
+    ({"kind": "slurm", "slurm": {"time": "forever"}}, "slurm.time: must be [D-]HH[:MM[:SS]]"),
+    ({"kind": "slurm", "slurm": {"sbatch": ["exclusive"]}}, "slurm.sbatch[0]: must be one sbatch option"),
+    ({"kind": "slurm", "slurm": {"gpus_per_node": 8, "workers_per_node": 3}}, "slurm.workers_per_node: 3 ranks cannot share 8 GPUs"),
+    ({"kind": "slurm", "slurm": {}, "ray": {}}, "ray: a slurm cluster starts its own Ray"),
+    ({"kind": "ray", "slurm": {}}, "slurm: only kind: slurm takes a slurm section"),
+    ({"kind": "ray", "ray": {}}, "submit needs kind: slurm, or kind: ray with ray.job_server"),
+    ({"kind": "slurm", "slurm": {"partiton": "gpu"}}, "slurm.partiton: unknown key"),
+])
+def test_bad_cluster_for_submit_is_one_line_error(tmp_path, capsys, cluster, message):
+    clu = tmp_path / "c.yaml"
+    clu.write_text(yaml.safe_dump({"name": "bad", **cluster}))
+    assert main(["submit", str(ROOT / "configs/experiments/quickstart.yaml"), "--cluster", str(clu),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_status_without_a_submission_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no submission recorded"):
+        status(tmp_path)
