@@ -29,11 +29,12 @@ def test_seed_table_rows_are_all_there():
 
 
 def test_cluster_configs_load():
-    assert load_cluster(ROOT / "configs" / "clusters" / "single.yaml").kind == "single"
+    kinds = {p.stem: load_cluster(p).kind for p in (ROOT / "configs" / "clusters").glob("*.yaml")}
+    assert kinds == {"single": "single", "local": "ray", "ray-local": "ray", "slurm-local": "slurm", "slurm-2x8gpu": "slurm"}
 
 
 def test_bad_cluster_is_named(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("name: x\nkind: slurm\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: kind: must be one of 'single'"):
+    p.write_text("name: x\nkind: kubernetes\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: kind: must be one of 'single', 'ray', 'slurm'"):
         load_cluster(p)
