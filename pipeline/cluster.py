@@ -37,6 +37,8 @@ class RayConfig:
     """a running head's Jobs API (``http://127.0.0.1:8265``): ``elastictrain submit`` sends the run there."""
     working_dir: Optional[str] = None
     """submit: the folder shipped to the cluster as the job's working directory (default: this repository)."""
+    python: str = "python"
+    """submit: the interpreter the driver job runs on the cluster."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

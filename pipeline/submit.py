@@ -104,7 +104,7 @@ def _submit_slurm(name: str, pipeline: Path, cluster: ClusterConfig, run_dir: Pa
 
 def _submit_ray(pipeline: Path, cluster_path: Path, cluster: ClusterConfig, run_dir: Path, dry_run: bool, log) -> dict:
     workdir = Path(cluster.ray.working_dir or ROOT).resolve()
-    entry = (f"python -m pipeline.cli run {pipeline} --cluster {cluster_path} --out {run_dir}")
+    entry = f"{cluster.ray.python} -m pipeline.cli run {pipeline} --cluster {cluster_path} --out {run_dir}"
     env = {"working_dir": str(workdir), "excludes": [".venv", ".git", "runs", "bench/results", "*.pt", "*.etz"]}
     if dry_run:
         log(f"# Ray Jobs API at {cluster.ray.job_server}: one driver job\nentrypoint: {entry}\nruntime_env: {env}")
