@@ -176,11 +176,11 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     ckpt["local_dict"].update({"finished": True, "step": constrainer.step if constrainer else len(train_loader) * stage.epochs})
     if ctx.rank == 0:  # every rank holds the same weights and state; one writes
         out = stage_dir(ctx, stage)
-        checkpoint.atomic_save(ckpt, out / "checkpoint.pt")
         packed = artifact.export(ckpt, out / "model.etz")  # the honest size beside the nominal ratio
         report.update(artifact_bytes=packed["bytes"], artifact_weights_bytes=packed["weights_bytes"],
                       honest_compression=packed["honest_compression"], artifact_model_compression=packed["model_compression"])
         write_json(report, out / "report.json")
+        checkpoint.atomic_save(ckpt, out / "checkpoint.pt")  # last: a finished checkpoint means every output is there
     return report
 
 
