@@ -13,14 +13,13 @@ atomically and read with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from .config import ConfigError
+from .files import atomic_write
 from .projection import LayerState
 
 FORMAT = "elastictrain.checkpoint/1"
@@ -30,18 +29,7 @@ BUFFER_KEYS = ("weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path) -> dict:

@@ -13,7 +13,7 @@ A layer the grid does not divide (``channel: 4`` on a 3-channel first conv) is r
 ``skipped`` reason instead of failing the whole inspection.
 
 JSON: :func:`summary` returns plain ints / floats / strings / lists; a non-finite float (the
-pruning ratio of a layer with no non-zeros, ∞) becomes ``None``, as ``pipeline.artifacts.json_safe``
+pruning ratio of a layer with no non-zeros, ∞) becomes ``None``, as ``files.json_safe``
 writes it. Legend: G = blocks of the grid, B = elements per block.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import yaml
 
 from .accounting import format_table, report
 from .config import ConfigError, build
+from .files import json_safe
 from .grid import NAMED_UNITS, Grid, as4d, block_view
 from .plan import LayerPlan, layer_kind
 
@@ -120,17 +121,6 @@ def codebook_stats(weights: dict[str, torch.Tensor], grid: GridLike) -> list[dic
     return out
 
 
-def _plain(obj):
-    """Non-finite floats → None, tuples → lists: what json.dumps accepts without allow_nan."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def _section(rows: list[dict], grid: Grid, key: str) -> tuple[dict, list[dict]]:
     done = [r for r in rows if "skipped" not in r]
     return {key: grid.describe(), "layers": rows, "skipped": len(rows) - len(done)}, done
@@ -156,7 +146,7 @@ def summary(weights: dict[str, torch.Tensor], plans: Optional[dict[str, LayerPla
         sec, done = _section(codebook_stats(weights, g), g, "grid")
         hi = max((r["max_unique"] for r in done), default=0)
         out["codebooks"] = {**sec, "max_unique": hi, "fits_bits": fits_bits(hi)}
-    return _plain(out)
+    return json_safe(out)
 
 
 def _inf(x):

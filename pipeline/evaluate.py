@@ -24,7 +24,7 @@ from elastictrain.grid import as4d
 from elastictrain.plan import LayerPlan, layer_kind, resolve
 from elastictrain.spec import Quantize, parse as parse_spec
 
-from .artifacts import json_safe, write_json
+from .artifacts import write_json
 
 
 @dataclass
@@ -188,5 +188,5 @@ def run_eval(req: EvalRequest, log=print) -> dict:
         out["plots"] = [str(weight_histograms({n: v for n, v in sd.items() if layer_kind(tuple(v.shape))}, req.plots / "weights.png")),
                         str(density_chart(out, req.plots / "density.png"))]
     if req.json is not None:
-        write_json(json_safe(out), req.json)
+        write_json(out, req.json)
     return out

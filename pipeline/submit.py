@@ -11,6 +11,7 @@ what finished.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,11 +40,7 @@ def _finished(run_dir: Path, stage: str) -> bool:
 
 def _record(run_dir: Path) -> dict:
     path = run_dir / "submit" / "jobs.json"
-    if not path.is_file():
-        return {}
-    import json
-
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[str] = None, dry_run: bool = False,

@@ -18,14 +18,14 @@ reference against the payload; every failure is a one-line ``ValueError`` naming
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
 
 MAGIC = b"\x89ETZ"
 VERSION = 1
@@ -84,17 +84,7 @@ def write(path: str | Path, meta: dict, payload: Payload) -> tuple[int, int]:
     head = encode_meta(meta)
     body = HEAD.pack(MAGIC, VERSION, len(head), payload.size) + head + b"".join(payload.parts)
     data = body + CRC.pack(zlib.crc32(body))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data))
     return len(data), len(head)
 
 
