@@ -148,3 +148,58 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
+
+
+def apply_overrides(raw: Any, overrides: typing.Sequence[str], where: str = "--set") -> Any:
+    """``KEY=VALUE`` overrides on a parsed YAML tree (a copy is returned; ``raw`` is untouched).
+
+    KEY is dotted. In a list, a step is an index, ``*`` (every item) or the ``name`` of an item —
+    so ``stages.quantize.epochs=2`` and ``stages.*.epochs=1`` both work. VALUE is read as YAML
+    (``3``, ``0.5``, ``true``, ``[1, 2]``, ``{kind: pgd}``). Missing dict keys are created — the
+    typed config then names any key that does not exist."""
+    import copy
+
+    tree = copy.deepcopy(raw) if raw is not None else {}
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{where} {item!r}: expected KEY=VALUE, e.g. data.limit_train=1000")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{where} {key}: value {text!r} is not valid YAML") from None
+        _assign([tree], key.strip().split("."), value, f"{where} {key.strip()}")
+    return tree
+
+
+def _assign(nodes: list, steps: list[str], value: Any, where: str) -> None:
+    step, rest = steps[0], steps[1:]
+    for node in nodes:
+        if isinstance(node, list):
+            if step == "*":
+                idx = range(len(node))
+            elif step.lstrip("-").isdigit() and -len(node) <= int(step) < len(node):
+                idx = [int(step)]
+            else:
+                idx = [i for i, v in enumerate(node) if isinstance(v, dict) and v.get("name") == step]
+                if not idx:
+                    names = [v.get("name") for v in node if isinstance(v, dict) and "name" in v]
+                    raise ConfigError(f"{where}: no item {step!r} in the list"
+                                      + (f" (names: {', '.join(map(str, names))})" if names else ""))
+            if not rest:
+                for i in idx:
+                    node[i] = value
+            else:
+                _assign([node[i] for i in idx], rest, value, where)
+        elif isinstance(node, dict):
+            if not rest:
+                node[step] = value
+            else:
+                child = node.setdefault(step, {})
+                if child is None:
+                    child = node[step] = {}
+                if not isinstance(child, (dict, list)):
+                    raise ConfigError(f"{where}: {step!r} holds {child!r}, not a mapping")
+                _assign([child], rest, value, where)
+        else:
+            raise ConfigError(f"{where}: cannot index {node!r} with {step!r}")

@@ -69,11 +69,11 @@ def cmd_run(args) -> int:
     from .config import load_cluster, load_pipeline
     from .runner import run_pipeline
 
-    cfg = load_pipeline(args.pipeline)
+    cfg = load_pipeline(args.pipeline, args.set)
     cluster = load_cluster(args.cluster)
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     only = [s for s in args.stages.split(",") if s] if args.stages else None
-    reports = run_pipeline(cfg, cluster, run_dir, only, pipeline_path=Path(args.pipeline))
+    reports = run_pipeline(cfg, cluster, run_dir, only, pipeline_path=Path(args.pipeline), overrides=args.set)
     final = reports[-1] if reports else None
     if final is None:
         print(f"{run_dir}: every stage had finished already")
@@ -120,7 +120,7 @@ def cmd_export(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
 
-    submit(args.pipeline, args.cluster, args.out, args.dry_run)
+    submit(args.pipeline, args.cluster, args.out, args.dry_run, overrides=args.set)
     return 0
 
 
@@ -129,6 +129,12 @@ def cmd_status(args) -> int:
 
     status(args.run_dir)
     return 0
+
+
+def _set_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline field (repeatable): data.limit_train=1000, stages.*.epochs=1, "
+                        "stages.quantize.optimizer.lr=0.005 — the run directory keeps the resolved pipeline.yaml")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", help="cluster config (default: configs/clusters/local.yaml — in-process Ray, 2 workers)")
     s.add_argument("--out", help="run directory (default: runs/<pipeline name>)")
     s.add_argument("--stages", help="comma-separated stage names to run (earlier ones must have finished)")
+    _set_option(s)
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("eval", help="accuracy, robust accuracy and compression statistics of a checkpoint or .etz")
@@ -190,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", required=True, help="a kind: slurm cluster, or kind: ray with ray.job_server")
     s.add_argument("--out", help="run directory (default: <cluster storage>/<pipeline name>; shared storage)")
     s.add_argument("--dry-run", action="store_true", help="print the job scripts instead of submitting")
+    _set_option(s)
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("status", help="each stage's state of a submitted run")

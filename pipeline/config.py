@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
-from elastictrain.config import ConfigError, build, fail, load_yaml
+import yaml
+
+from elastictrain.config import ConfigError, apply_overrides, build, fail, load_yaml
 from elastictrain.data import DataConfig
+from elastictrain.files import atomic_write
 from elastictrain.robust import AdversarialConfig
 from elastictrain.spec import Spec, load as load_spec, parse as parse_spec
 from elastictrain.train import EnforceConfig, LRConfig, OptimConfig
@@ -84,12 +87,20 @@ class PipelineConfig:
             seen.add(s.name)
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Parse and validate a pipeline file, loading every stage's spec (relative paths resolve
+def _raw(path: Path, overrides: Sequence[str]) -> dict:
+    raw = load_yaml(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return raw
+
+
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Parse and validate a pipeline file (after ``KEY=VALUE`` overrides, see
+    ``elastictrain.config.apply_overrides``), loading every stage's spec (relative paths resolve
     against the pipeline file's folder); the previous stage's spec carries into a finetune stage."""
     path = Path(path)
     try:
-        cfg = build(PipelineConfig, load_yaml(path))
+        cfg = build(PipelineConfig, _raw(path, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     previous: Optional[Spec] = None
@@ -107,4 +118,21 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     return cfg
 
 
-__all__ = ["ClusterConfig", "DeepSpeedConfig", "RayConfig", "SlurmConfig", "ModelConfig", "PipelineConfig", "StageConfig", "load_cluster", "load_pipeline", "parse_spec"]
+def snapshot_pipeline(path: str | Path, overrides: Sequence[str], dest: str | Path) -> Path:
+    """Write the pipeline as it will run — overrides applied, spec paths made absolute — to
+    ``dest`` (atomically). Jobs and Ray workers load this file, so they run exactly what was
+    validated here even if the original is edited later."""
+    path = Path(path).resolve()
+    load_pipeline(path, overrides)  # validate first: nothing is written for a bad config
+    raw = _raw(path, overrides)
+    for stage in raw.get("stages") or []:
+        spec = stage.get("spec") if isinstance(stage, dict) else None
+        if isinstance(spec, str) and not Path(spec).is_absolute():
+            stage["spec"] = str((path.parent / spec).resolve())
+    header = f"# {path}" + (f" with --set {' '.join(overrides)}" if overrides else "") + "\n"
+    data = (header + yaml.safe_dump(raw, sort_keys=False)).encode()
+    atomic_write(dest, lambda f: f.write(data))
+    return Path(dest)
+
+
+__all__ = ["ClusterConfig", "DeepSpeedConfig", "RayConfig", "SlurmConfig", "ModelConfig", "PipelineConfig", "StageConfig", "load_cluster", "load_pipeline", "parse_spec", "snapshot_pipeline"]

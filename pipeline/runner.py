@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from elastictrain.data import load as load_data
 from elastictrain.dist.shards import check_shardable
 from elastictrain.models import build_model
 
-from .config import ClusterConfig, PipelineConfig
+from .config import ClusterConfig, PipelineConfig, snapshot_pipeline
 from .stage import Context, check_tightening, is_finished, plans_for, run_stage, stage_dir
 
 
@@ -54,9 +54,11 @@ def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: b
 
 
 def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
-                 only: Optional[list[str]] = None, log=print, pipeline_path: Optional[Path] = None) -> list[dict]:
-    """Run the stages in order on ``cluster``; ``pipeline_path`` (the file ``cfg`` came from) is
-    what Ray workers load — they parse and validate it again on their side."""
+                 only: Optional[list[str]] = None, log=print, pipeline_path: Optional[Path] = None,
+                 overrides: Sequence[str] = ()) -> list[dict]:
+    """Run the stages in order on ``cluster``. ``pipeline_path`` (the file ``cfg`` came from, with
+    ``overrides``) is snapshotted to ``RUN_DIR/pipeline.yaml`` once everything validated; Ray
+    workers load that snapshot and parse and validate it again on their side."""
     names = [s.name for s in cfg.stages]
     for n in only or []:
         if n not in names:
@@ -74,6 +76,8 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
         validate(cfg, bundle.num_classes, bundle.in_channels, sharded=cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3)
     except ConfigError as e:
         raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
+    if pipeline_path is not None:
+        pipeline_path = snapshot_pipeline(pipeline_path, overrides, Path(run_dir) / "pipeline.yaml")
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
     ctx = Context(cfg, bundle, device, autocast, run_dir, log=log)
     reports, previous = [], None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 
@@ -23,7 +23,7 @@ from elastictrain.config import ConfigError
 
 from .artifacts import write_json
 from .cluster import ClusterConfig, load_cluster
-from .config import load_pipeline
+from .config import load_pipeline, snapshot_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,10 +44,11 @@ def _record(run_dir: Path) -> dict:
 
 
 def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[str] = None, dry_run: bool = False,
-           log=print) -> dict:
-    """Submit every unfinished stage; returns (and records) {stage: job id}."""
-    pipeline_path = Path(pipeline_path).resolve()
-    cfg = load_pipeline(pipeline_path)
+           log=print, overrides: Sequence[str] = ()) -> dict:
+    """Submit every unfinished stage; returns (and records) {stage: job id}. The jobs run the
+    snapshot ``RUN_DIR/submit/pipeline.yaml`` (``overrides`` applied, spec paths absolute)."""
+    source = Path(pipeline_path).resolve()
+    cfg = load_pipeline(source, overrides)
     cluster = load_cluster(cluster_path)
     if cluster.kind == "single" or (cluster.kind == "ray" and not cluster.ray.job_server):
         raise ConfigError(f"cluster {cluster.name!r}: submit needs kind: slurm, or kind: ray with ray.job_server "
@@ -63,13 +64,16 @@ def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[st
     done = [s.name for s in cfg.stages if s.name not in pending]
     if done:
         log(f"finished earlier, not resubmitted: {', '.join(done)}")
+    pipeline_path = run_dir / "submit" / "pipeline.yaml"
+    if not dry_run:
+        snapshot_pipeline(source, overrides, pipeline_path)
     if cluster.kind == "slurm":
         jobs = _submit_slurm(cfg.name, pipeline_path, cluster, run_dir, pending, dry_run, log)
     else:
         jobs = _submit_ray(pipeline_path, Path(cluster_path).resolve(), cluster, run_dir, dry_run, log)
     if not dry_run:
         record = _record(run_dir)
-        record.update(pipeline=str(pipeline_path), cluster=str(Path(cluster_path).resolve()), kind=cluster.kind,
+        record.update(pipeline=str(source), overrides=list(overrides), cluster=str(Path(cluster_path).resolve()), kind=cluster.kind,
                       stages=[s.name for s in cfg.stages])
         record.setdefault("jobs", {}).update({k: {"id": v, "submitted": time.time()} for k, v in jobs.items()})
         write_json(record, run_dir / "submit" / "jobs.json")

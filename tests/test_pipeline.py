@@ -172,6 +172,45 @@ def test_bad_pipeline_is_one_line_error(tmp_path, capsys, edit, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_overrides_address_stages_by_name_index_and_star():
+    from elastictrain.config import apply_overrides
+
+    raw = {"data": {"batch_size": 128}, "stages": [{"name": "a", "epochs": 4}, {"name": "b", "epochs": 2}]}
+    out = apply_overrides(raw, ["stages.*.epochs=1", "stages.b.optimizer.lr=0.5", "stages.0.name=z",
+                                "data.limit_train=1000", "data.augment=[crop, flip]"])
+    assert out == {"data": {"batch_size": 128, "limit_train": 1000, "augment": ["crop", "flip"]},
+                   "stages": [{"name": "z", "epochs": 1}, {"name": "b", "epochs": 1, "optimizer": {"lr": 0.5}}]}
+    assert raw["stages"][0] == {"name": "a", "epochs": 4}  # the input is untouched
+
+
+@pytest.mark.parametrize("override,message", [
+    ("epochs", "--set 'epochs': expected KEY=VALUE"),
+    ("stages.prune.epochs=1", "--set stages.prune.epochs: no item 'prune' in the list (names: dense_pretrain, progressive_prune, quantize, finetune)"),
+    ("data.batch_size.x=1", "--set data.batch_size.x: 'batch_size' holds 100, not a mapping"),
+    ("data.batch_sise=64", "data.batch_sise: unknown key"),
+    ("stages.quantize.epochs=zero", "stages[2].epochs: expected an integer, got 'zero'"),
+    ("stages.*.epochs=0", "stages[0].epochs: must be >= 1"),
+])
+def test_bad_override_is_one_line_error_and_writes_nothing(tmp_path, capsys, override, message):
+    path = tiny_pipeline(tmp_path)
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_keeps_the_resolved_pipeline(tmp_path):
+    path = tiny_pipeline(tmp_path, stages=[{"name": "dense_pretrain", "epochs": 3}])
+    assert main(["run", str(path), "--cluster", str(SINGLE), "--out", str(tmp_path / "out"),
+                 "--set", "stages.*.epochs=1", "--set", "data.limit_train=200", "--set", "data.limit_test=100"]) == 0
+    snap = tmp_path / "out" / "pipeline.yaml"
+    assert "--set stages.*.epochs=1 data.limit_train=200" in snap.read_text().splitlines()[0]
+    cfg = load_pipeline(snap)
+    assert cfg.stages[0].epochs == 1 and cfg.data.limit_train == 200
+    report = json.loads((tmp_path / "out" / "dense_pretrain" / "report.json").read_text())
+    assert report["epochs"] == 1 and len(report["history"]) == 1
+
+
 ZERO3 = str(Path(__file__).resolve().parents[1] / "configs/specs/smallcnn-zero3-prune.yaml")
 
 

@@ -1,7 +1,8 @@
 """Submission to a real Slurm controller on loopback (slurm/ci/start-slurm.sh: Debian's slurmctld,
 slurmd and munge, started by hand — installed first when missing).
 
-- a pipeline submitted to the local Slurm runs as chained jobs; a stage made to fail (its output
+- the quickstart pipeline (its four stages, specs and enforcement; fewer images and steps via
+  ``--set``) submitted to the local Slurm runs as chained jobs; a stage made to fail (its output
   folder is a file) cancels the stages after it; resubmission after the fix runs only the
   remaining stages, and the final report equals a local run's;
 - the 2-node × 8-GPU example's scripts pass ``sbatch --test-only`` against the controller, whose
@@ -45,19 +46,11 @@ def slurm():
         subprocess.run(["bash", str(ROOT / "slurm/ci/stop-slurm.sh")], timeout=120)
 
 
-def _pipeline(tmp: Path) -> Path:
-    cfg = {"name": "slurmtest", "seed": 0, "model": {"name": "smallcnn"},
-           "data": {"name": "fashion-mnist", "batch_size": 100, "limit_train": 1000, "limit_test": 500},
-           "stages": [
-               {"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.05}},
-               {"name": "progressive_prune", "epochs": 1, "spec": str(ROOT / "configs/specs/smallcnn-prune.yaml"),
-                "optimizer": {"lr": 0.02}, "enforce": {"method": "progressive", "update_every": 3, "end": 0.6}},
-               {"name": "quantize", "epochs": 1, "spec": str(ROOT / "configs/specs/smallcnn-mixture.yaml"),
-                "optimizer": {"lr": 0.01, "weight_decay": 0.0}},
-               {"name": "finetune", "epochs": 1, "optimizer": {"lr": 0.002, "weight_decay": 0.0}}]}
-    path = tmp / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+QUICKSTART = ROOT / "configs/experiments/quickstart.yaml"
+# the quickstart's four stages, specs and enforcement as they are; fewer images and steps
+FAST = ["data.limit_train=1000", "data.limit_test=500", "data.batch_size=100", "stages.*.epochs=1",
+        "stages.progressive_prune.enforce.update_every=3", "stages.quantize.enforce.refit_every=3",
+        "stages.finetune.enforce.refit_every=3"]
 
 
 def _wait(run_dir: Path, timeout: float = 400) -> list[dict]:
@@ -73,14 +66,14 @@ def _wait(run_dir: Path, timeout: float = 400) -> list[dict]:
 
 @pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 def test_chained_jobs_failure_cancels_the_rest_and_resubmission_finishes(slurm, tmp_path):
-    path = _pipeline(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "progressive_prune").write_text("a file where the stage's folder should be")  # the fault
-    jobs = submit(path, ROOT / "configs/clusters/slurm-local.yaml", str(run_dir), log=lambda s: None)
+    jobs = submit(QUICKSTART, ROOT / "configs/clusters/slurm-local.yaml", str(run_dir), log=lambda s: None,
+                  overrides=FAST)
     assert list(jobs) == ["dense_pretrain", "progressive_prune", "quantize", "finetune"]
     scripts = {s: (run_dir / "submit" / f"{s}.sbatch").read_text() for s in jobs}
-    assert "--stages quantize" in scripts["quantize"]
+    assert "--stages quantize" in scripts["quantize"] and str(run_dir / "submit/pipeline.yaml") in scripts["quantize"]
     rows = {r["stage"]: r["state"] for r in _wait(run_dir)}
     assert rows == {"dense_pretrain": "FINISHED", "progressive_prune": "FAILED", "quantize": "CANCELLED",
                     "finetune": "CANCELLED"}, rows
@@ -88,7 +81,8 @@ def test_chained_jobs_failure_cancels_the_rest_and_resubmission_finishes(slurm, 
     assert not (run_dir / "quantize").exists()
 
     (run_dir / "progressive_prune").unlink()  # the fix; resubmit: only the remaining stages
-    again = submit(path, ROOT / "configs/clusters/slurm-local.yaml", str(run_dir), log=lambda s: None)
+    again = submit(QUICKSTART, ROOT / "configs/clusters/slurm-local.yaml", str(run_dir), log=lambda s: None,
+                   overrides=FAST)
     assert list(again) == ["progressive_prune", "quantize", "finetune"]
     assert {r["stage"]: r["state"] for r in _wait(run_dir)} == dict.fromkeys(jobs, "FINISHED")
     record = json.loads((run_dir / "submit" / "jobs.json").read_text())
@@ -98,7 +92,9 @@ def test_chained_jobs_failure_cancels_the_rest_and_resubmission_finishes(slurm, 
     local = tmp_path / "local"
     clu = tmp_path / "single1.yaml"
     clu.write_text(yaml.safe_dump({"name": "single1", "kind": "single", "device": "cpu", "threads": 1}))
-    assert main(["run", str(path), "--cluster", str(clu), "--out", str(local)]) == 0
+    assert main(["run", str(QUICKSTART), "--cluster", str(clu), "--out", str(local)]
+                + [a for o in FAST for a in ("--set", o)]) == 0
+    assert (local / "pipeline.yaml").read_text().split("\n", 1)[1] == (run_dir / "pipeline.yaml").read_text().split("\n", 1)[1]
     a = json.loads((run_dir / "finetune" / "report.json").read_text())
     b = json.loads((local / "finetune" / "report.json").read_text())
     for key in ("top1", "top5", "nonzeros", "nominal_compression", "storage_bits", "artifact_weights_bytes"):
