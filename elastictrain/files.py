@@ -7,14 +7,20 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+_UMASK = os.umask(0)  # read once (it can only be read by setting it), restored at once
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """``write(f)`` into a temporary file beside ``path``, fsync, then rename it over ``path``;
-    on any error the temporary file is removed and ``path`` is untouched."""
+    on any error the temporary file is removed and ``path`` is untouched. The file gets the
+    permissions a plain ``open`` would give it (``mkstemp``'s 0600 would hide it from the other
+    users of shared storage)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, fail
+from .progress import Progress, bar
 
 
 @dataclass(slots=True)
@@ -121,9 +122,11 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig
 
 
 def robust_accuracy(model: nn.Module, loader, cfg: AttackConfig, mean: Sequence[float], std: Sequence[float],
-                    limit: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+                    limit: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None,
+                    progress: Optional[Progress] = None) -> dict:
     """Accuracy on adversarial versions of (at most ``limit``) images of ``loader``: {accuracy, images}."""
     n = correct = 0
+    pbar = bar(progress, limit, f"attack {cfg.name}", "img")
     for x, y in loader:
         if limit is not None and n >= limit:
             break
@@ -134,4 +137,6 @@ def robust_accuracy(model: nn.Module, loader, cfg: AttackConfig, mean: Sequence[
         with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             correct += int((model(x_adv).argmax(1) == y).sum())
         n += y.numel()
+        pbar.update(y.numel(), acc=correct / n)
+    pbar.close()
     return {"accuracy": correct / max(n, 1), "images": n}

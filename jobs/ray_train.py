@@ -99,7 +99,7 @@ def worker_loop(config: dict) -> None:
     ctx = Context(cfg, load_data(cfg.data), device, autocast_dtype(cluster.deepspeed, device), run_dir, world_size=world, rank=rank,
                   log=print if rank == 0 else (lambda s: None),
                   make_engine=with_rank_checks(engine_factory(cluster.deepspeed, cfg.data.batch_size // world, world, device)),
-                  reduce_metrics=reduce_metrics, optimizer_state=lambda opt: None)
+                  reduce_metrics=reduce_metrics, optimizer_state=lambda opt: None, cluster=config["cluster"])
     if cluster.deepspeed.zero_stage == 3:
         ctx.state_dict = gathered_state_dict
     report = run_stage(ctx, index, previous)

@@ -131,6 +131,13 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import run_report
+
+    print(run_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None), end="")
+    return 0
+
+
 def _set_option(s: argparse.ArgumentParser) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline field (repeatable): data.limit_train=1000, stages.*.epochs=1, "
@@ -203,6 +210,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="each stage's state of a submitted run")
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("report", help="one seed-shaped table (and plots) of every finished stage of one or more runs")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("--out", help="folder for report.md and the PNG plots (default: the first RUN_DIR's report/)")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("verify", help="check a checkpoint's weights against a spec")
     s.add_argument("checkpoint")

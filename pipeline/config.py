@@ -26,6 +26,7 @@ from elastictrain.robust import AdversarialConfig
 from elastictrain.spec import Spec, load as load_spec, parse as parse_spec
 from elastictrain.train import EnforceConfig, LRConfig, OptimConfig
 
+from .tracking import TrackingConfig
 from .cluster import ClusterConfig, DeepSpeedConfig, RayConfig, SlurmConfig, load_cluster  # re-exported
 
 KINDS = ("dense_pretrain", "progressive_prune", "quantize", "finetune")
@@ -76,6 +77,8 @@ class PipelineConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on a GPU, fp32 on the CPU."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """W&B (``wandb: {mode, project, entity, tags, log_every}``) and progress output."""
 
     def __post_init__(self) -> None:
         if not self.stages:

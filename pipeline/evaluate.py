@@ -164,16 +164,18 @@ def run_eval(req: EvalRequest, log=print) -> dict:
         bundle = load_data(data)
     model = _model_for(ckpt, sd, req).to(device) if bundle is not None or req.model or ckpt.get("model") else None
     if bundle is not None:
+        from elastictrain.progress import Progress
         from elastictrain.robust import robust_accuracy
         from elastictrain.train import evaluate
 
         test = make_test_loader(bundle, data, device)
-        acc = evaluate(model, test)
+        prog = Progress("auto", log, prefix="[eval] ")
+        acc = evaluate(model, test, progress=prog)
         out.update(top1=acc["top1"], top5=acc["top5"], test_loss=acc["test_loss"], test_images=acc["test_images"])
         out["robust"] = {}
         for a in req.attacks:
             torch.manual_seed(0)  # PGD's random start: the same report twice
-            r = robust_accuracy(model, test, a, bundle.mean, bundle.std, req.attack_images)
+            r = robust_accuracy(model, test, a, bundle.mean, bundle.std, req.attack_images, progress=prog)
             out["robust"][a.name] = r["accuracy"]
             out["robust_images"] = r["images"]
             log(f"[eval] {a.name} (eps {a.eps:.4f}): {r['accuracy']:.2%} of {r['images']} images")

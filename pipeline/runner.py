@@ -10,12 +10,13 @@ from typing import Optional, Sequence
 import torch
 
 from elastictrain import checkpoint
-from elastictrain.config import ConfigError
+from elastictrain.config import ConfigError, to_plain
 from elastictrain.data import load as load_data
 from elastictrain.dist.shards import check_shardable
 from elastictrain.models import build_model
 
 from .config import ClusterConfig, PipelineConfig, snapshot_pipeline
+from .tracking import resolve_mode
 from .stage import Context, check_tightening, is_finished, plans_for, run_stage, stage_dir
 
 
@@ -68,6 +69,8 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
                           f"ray.num_workers: {cluster.ray.num_workers} of cluster {cluster.name!r}")
     if cluster.kind == "ray" and pipeline_path is None:
         raise ValueError("run_pipeline: a ray cluster needs pipeline_path (workers load the file)")
+    mode = resolve_mode(cfg.tracking.wandb)  # here, once: workers see the same mode whatever their env
+    cfg.tracking.wandb.mode = mode
     if cluster.threads and cluster.kind == "single":
         torch.set_num_threads(cluster.threads)
     device = _device(cluster)
@@ -77,9 +80,10 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     except ConfigError as e:
         raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
     if pipeline_path is not None:
-        pipeline_path = snapshot_pipeline(pipeline_path, overrides, Path(run_dir) / "pipeline.yaml")
+        pipeline_path = snapshot_pipeline(pipeline_path, [*overrides, f"tracking.wandb.mode={mode}"],
+                                          Path(run_dir) / "pipeline.yaml")
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
-    ctx = Context(cfg, bundle, device, autocast, run_dir, log=log)
+    ctx = Context(cfg, bundle, device, autocast, run_dir, log=log, cluster=to_plain(cluster))
     reports, previous = [], None
     for i, stage in enumerate(cfg.stages):
         path = stage_dir(ctx, stage) / "checkpoint.pt"

@@ -19,6 +19,7 @@ from elastictrain.accounting import report as accounting_report
 from elastictrain.config import ConfigError, to_plain
 from elastictrain.data import DataBundle, make_loaders
 from elastictrain.models import build_model
+from elastictrain.progress import Progress
 from elastictrain.plan import LayerPlan, resolve
 from elastictrain.projection import LayerState
 from elastictrain.robust import attack, robust_accuracy
@@ -27,6 +28,8 @@ from elastictrain.verify import verify
 
 from .artifacts import json_safe, write_json
 from .config import PipelineConfig, StageConfig
+from .report import write_stage_tables
+from .tracking import StepMetrics, make_tracker
 
 STAGE_FORMAT = "elastictrain.stage/1"
 
@@ -53,6 +56,8 @@ class Context:
     """sums / averages per-rank metrics across ranks (identity on one process)."""
     state_dict: Callable[[torch.nn.Module], dict] = lambda model: {k: v.detach().cpu() for k, v in model.state_dict().items()}
     """the whole model's state (under ZeRO-3, ``jobs`` gathers the partitioned parameters)."""
+    cluster: Optional[dict] = None
+    """the cluster config (plain), for the tracker's record of the run."""
     optimizer_state: Callable[[torch.optim.Optimizer], Optional[dict]] = lambda opt: opt.state_dict()
     """what the checkpoint keeps of the optimizer: None under DeepSpeed, whose ZeRO partitions it
     across ranks (one rank's slice alone would not restore anything)."""
@@ -99,7 +104,23 @@ def check_tightening(prev: dict[str, LayerPlan], cur: dict[str, LayerPlan], wher
 
 
 def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
-    """Train stage ``index``; returns its report. ``previous`` is the previous stage's checkpoint."""
+    """Train stage ``index``; returns its report. ``previous`` is the previous stage's checkpoint.
+    Rank 0 tracks it as one W&B run (``pipeline.tracking``), finished as failed if the stage fails."""
+    cfg, stage = ctx.cfg, ctx.cfg.stages[index]
+    tracker = make_tracker(cfg.tracking.wandb, ctx.run_dir, cfg.name, stage.name, {
+        "pipeline": json_safe(to_plain(cfg)), "stage": json_safe(to_plain(stage)), "stage_index": index,
+        "cluster": json_safe(ctx.cluster or {}), "world_size": ctx.world_size, "device": str(ctx.device)}, ctx.rank)
+    try:
+        report = _run_stage(ctx, index, previous, tracker)
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    out = stage_dir(ctx, stage)
+    tracker.finish(report, files=(out / "checkpoint.pt", out / "model.etz"))
+    return report
+
+
+def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> dict:
     cfg, stage = ctx.cfg, ctx.cfg.stages[index]
     where = f"stages[{index}]"
     t0 = time.perf_counter()
@@ -128,30 +149,41 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     if constrainer is not None:
         constrainer.begin(opt)
     history = []
-    hooks = Hooks()
+    prog = Progress(cfg.tracking.progress, ctx.log, cfg.tracking.progress_every_s, f"[{stage.name}] ") if ctx.rank == 0 else None
+    steps_per_epoch = len(train_loader)
+    metrics = StepMetrics(tracker, cfg.tracking.wandb.log_every, steps_per_epoch, ctx.world_size)
+    hooks = Hooks(on_step=metrics.on_step, progress=prog)
     adv = stage.adversarial
     if adv is not None:  # each rank attacks its own shard of the batch
         # through the module, not a DeepSpeed engine: an engine treats any backward through it —
         # the attack's input gradients included — as a training backward and reduces gradients
-        hooks = Hooks(adversarial=lambda _, x, y: attack(model, x, y, adv.attack, b.mean, b.std, ctx.autocast),
-                      adv_beta=adv.beta)
+        hooks.adversarial = lambda _, x, y: attack(model, x, y, adv.attack, b.mean, b.std, ctx.autocast)
+        hooks.adv_beta = adv.beta
+    if constrainer is not None:
+        constrainer.listeners.append(metrics.on_constraint)
     for epoch in range(stage.epochs):
         train_loader.set_epoch(epoch)
+        hooks.desc = f"epoch {epoch + 1}/{stage.epochs}"
         m = train_epoch(forward, train_loader, stepper, constrainer, hooks, ctx.autocast)
         with constrainer.effective() if constrainer is not None else nullcontext():
-            m.update(evaluate(model, test_loader, ctx.autocast))  # what the model is, not its latent weights
+            m.update(evaluate(model, test_loader, ctx.autocast, prog))  # what the model is, not its latent weights
+            now = ctx.state_dict(model) if plans else None  # (a collective under ZeRO-3: every rank calls it)
         m = ctx.reduce_metrics(m)
         m["epoch"] = epoch + 1
         if constrainer is not None:
             m["density"] = sum(int(x.sum()) for x in constrainer.masks.values()) / sum(x.numel() for x in constrainer.masks.values())
+        if now is not None and ctx.rank == 0:
+            acc = accounting_report(now, plans)
+            m.update(nominal_compression=acc["nominal_compression"], storage_compression=acc["storage_compression"])
         history.append(m)
+        metrics.on_epoch(m, (epoch + 1) * steps_per_epoch)
         ctx.log(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs} loss {m['loss']:.4f} train {m['train_acc']:.2%} "
                 f"test {m['top1']:.2%}" + (f" density {m['density']:.4f}" if "density" in m else "")
                 + f" {m['images_per_s']:.0f} img/s {m['seconds']:.1f}s")
     states = constrainer.finish() if constrainer is not None else {}
     final = evaluate(model, test_loader, ctx.autocast)
     if adv is not None and adv.eval_images:
-        r = robust_accuracy(model, test_loader, adv.attack, b.mean, b.std, -(-adv.eval_images // ctx.world_size), ctx.autocast)
+        r = robust_accuracy(model, test_loader, adv.attack, b.mean, b.std, -(-adv.eval_images // ctx.world_size), ctx.autocast, prog)
         final.update({f"robust:{adv.attack.name}": r["accuracy"], "robust_images": r["images"]})
     final = ctx.reduce_metrics(final)
     sd = ctx.state_dict(model)
@@ -176,10 +208,11 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     ckpt["local_dict"].update({"finished": True, "step": constrainer.step if constrainer else len(train_loader) * stage.epochs})
     if ctx.rank == 0:  # every rank holds the same weights and state; one writes
         out = stage_dir(ctx, stage)
-        packed = artifact.export(ckpt, out / "model.etz")  # the honest size beside the nominal ratio
+        packed = artifact.export(ckpt, out / "model.etz", progress=prog)  # the honest size beside the nominal ratio
         report.update(artifact_bytes=packed["bytes"], artifact_weights_bytes=packed["weights_bytes"],
                       honest_compression=packed["honest_compression"], artifact_model_compression=packed["model_compression"])
         write_json(report, out / "report.json")
+        write_stage_tables(out, report, sd, plans)  # layers.parquet (recounted from the weights) + report.md
         checkpoint.atomic_save(ckpt, out / "checkpoint.pt")  # last: a finished checkpoint means every output is there
     return report
 

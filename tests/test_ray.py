@@ -50,8 +50,8 @@ def cluster(tmp: Path, zero: int, sparse: bool = False) -> "ClusterConfig":
     return load_cluster(path)
 
 
-def pipeline(tmp: Path, model="smallcnn", stages=None, batch=100, augment=True) -> Path:
-    cfg = {"name": "raytest", "seed": 0, "model": {"name": model},
+def pipeline(tmp: Path, model="smallcnn", stages=None, batch=100, augment=True, tracking=None) -> Path:
+    cfg = {"name": "raytest", "seed": 0, "model": {"name": model}, **({"tracking": tracking} if tracking else {}),
            "data": {"name": "fashion-mnist", "batch_size": batch, "limit_train": 2000, "limit_test": 1000, "augment": augment},
            "stages": stages or [
                {"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.05}},
@@ -71,7 +71,7 @@ def run(path: Path, clu, out: Path, only=None):
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero2")
-    path = pipeline(tmp)
+    path = pipeline(tmp, tracking={"wandb": {"mode": "offline", "log_every": 5}})
     return tmp, path, run(path, cluster(tmp, 2), tmp / "out")
 
 
@@ -91,6 +91,19 @@ def test_stages_on_two_workers_write_verified_reports(zero2_run):
     assert ray_ckpts
     buf = checkpoint.buffers(checkpoint.load(ray_ckpts[-1]))
     assert buf["weight_mask"] and buf["quantization_table"] and buf["pattern_library"]
+
+
+def test_only_rank_0_tracks(zero2_run):
+    from wandb_file import read_run
+
+    tmp, _, reports = zero2_run
+    runs = [read_run(f) for f in sorted((tmp / "out" / "wandb").glob("offline-run-*/run-*.wandb"))]
+    assert sorted(r["run"]["job_type"] for r in runs) == ["dense_pretrain", "progressive_prune", "quantize"]
+    for r, rep in zip(sorted(runs, key=lambda r: ["dense_pretrain", "progressive_prune", "quantize"].index(r["run"]["job_type"])), reports):
+        assert r["config"]["world_size"] == 2 and r["config"]["cluster"]["ray"]["num_workers"] == 2
+        assert [h["test/top1"] for h in r["history"] if "test/top1" in h] == [pytest.approx(rep["top1"])]
+        # 20 global steps of 100 images (50 per worker), logged every 5 — once, not once per worker
+        assert [h["train/epoch"] for h in r["history"] if "train/loss" in h] == [0.25, 0.5, 0.75, 1.0]
 
 
 def test_zero0_with_sparse_reduction_agrees_with_zero2(zero2_run):

@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .. import checkpoint
 from ..plan import layer_kind
+from ..progress import Progress, bar
 from . import layer as lyr
 from .floor import floor_bits
 from .format import FORMAT, FIXED_BYTES, Payload, json_default, read, write
@@ -62,7 +64,7 @@ def _other_record(t: torch.Tensor, bn_dtype: str, put) -> dict:
     return {**lyr.tensor_record(stored, put), "as": lyr.dtype_name(t.dtype)}
 
 
-def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32") -> dict:
+def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32", progress: Optional[Progress] = None) -> dict:
     """Write ``ckpt`` as an ``.etz`` artifact at ``path`` (atomically); returns its size report.
 
     ``bn_dtype`` is how biases / norm parameters are stored: "fp32" (default: bit-identical, the
@@ -76,7 +78,9 @@ def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32") -> dict:
     payload = Payload()
     tensors, layers, other = [], [], {"tensors": 0, "params": 0, "bytes": 0}
     base_bytes = 0
+    pbar = bar(progress, sum(t.numel() for t in sd.values()), "export", "param")
     for name, t in sd.items():
+        pbar.update(t.numel())
         base_bytes += t.numel() * t.element_size()
         if torch.is_floating_point(t) and layer_kind(tuple(t.shape)) and t.numel():
             rec, sizes = lyr.encode(lyr.analyse(name, t, bufs, plans.get(name)), payload.put)
@@ -90,6 +94,7 @@ def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32") -> dict:
             other["tensors"] += 1
             other["params"] += t.numel()
             other["bytes"] += rec["blob"][1]
+    pbar.close()
     local, dropped_local = _jsonable(dict(ckpt.get("local_dict") or {}))
     # other top-level entries of a checkpoint dict (not of a plain state dict): plain values only
     rest = {k: v for k, v in ckpt.items() if k not in TOP_KEYS} if "model_state_dict" in ckpt else {}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import fail
+from ..progress import Progress, bar
 
 
 @dataclass(slots=True)
@@ -113,6 +114,10 @@ class Hooks:
     (1 − adv_beta) · CE(clean) + adv_beta · CE(adversarial), both halves in one forward."""
     adv_beta: float = 0.5
     on_step: Optional[Callable[[dict], None]] = None
+    """called after every step with {loss, lr, step, images} (the pipeline's metric logging)."""
+    progress: Optional[Progress] = None
+    """a bar over the epoch's steps (images/s, running loss and accuracy); None: silent."""
+    desc: str = "train"
 
 
 def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Optional[Hooks] = None,
@@ -126,6 +131,7 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     t0, n_seen, loss_sum, correct, steps = time.perf_counter(), 0, 0.0, 0, 0
+    pbar = bar(hooks.progress, len(loader), hooks.desc, "step")
     for x, y in loader:
         if constrainer is not None:
             constrainer.before_forward()
@@ -151,19 +157,24 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
         loss_sum += float(loss.detach()) * y.numel()
         correct += int((out.detach().argmax(1) == y).sum())
         if hooks.on_step is not None:
-            hooks.on_step({"loss": float(loss.detach()), "lr": stepper.lr, "step": steps})
+            hooks.on_step({"loss": float(loss.detach()), "lr": stepper.lr, "step": steps, "images": y.numel()})
+        pbar.update(1, loss=loss_sum / n_seen, acc=correct / n_seen,
+                    **{"img/s": round(n_seen / max(time.perf_counter() - t0, 1e-9))})
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"loss became {loss_sum} at step {steps}")
+    pbar.close()
     dt = time.perf_counter() - t0
     return {"loss": loss_sum / max(n_seen, 1), "train_acc": correct / max(n_seen, 1),
             "images_per_s": n_seen / max(dt, 1e-9), "steps": steps, "seconds": dt}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+def evaluate(model: nn.Module, loader, autocast_dtype: Optional[torch.dtype] = None,
+             progress: Optional[Progress] = None) -> dict:
     """Top-1 / top-5 accuracy and mean loss over ``loader`` (eval mode)."""
     model.eval()
     n, top1, top5, loss_sum = 0, 0, 0, 0.0
+    pbar = bar(progress, len(loader), "eval", "batch")
     for x, y in loader:
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(x)
@@ -174,4 +185,6 @@ def evaluate(model: nn.Module, loader, autocast_dtype: Optional[torch.dtype] = N
         top1 += int(hit[:, 0].sum())
         top5 += int(hit.any(1).sum())
         n += y.numel()
+        pbar.update(1, top1=top1 / n)
+    pbar.close()
     return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "test_loss": loss_sum / max(n, 1), "test_images": n}
