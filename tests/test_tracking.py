@@ -143,3 +143,19 @@ def test_a_bad_wandb_mode_is_one_line_error_before_work(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "tracking.wandb.mode: auto took WANDB_MODE='sometimes'" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_report_joins_the_tracked_run(offline_run, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    out, _ = offline_run
+    assert main(["report", str(out), "--out", str(tmp_path)]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| fashion-mnist | smallcnn |")]
+    assert [r.split("|")[4].strip() for r in rows] == ["dense_pretrain", "progressive_prune", "quantize", "finetune"]
+    for stage in ("progressive_prune", "finetune"):
+        report = json.loads((out / stage / "report.json").read_text())
+        table = pq.read_table(out / stage / "layers.parquet").to_pylist()
+        constrained = {l["name"]: l["nonzeros"] for l in report["layers"] if l.get("rule") is not None}
+        assert {r["name"]: r["nonzeros"] for r in table} == constrained
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["accuracy_vs_compression.png", "density_run.png",
+                                                             "weights_run.png"]
