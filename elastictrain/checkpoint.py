@@ -1,6 +1,11 @@
 """Checkpoints: one plain dict of tensors and plain values, shaped like the seed's, written
 atomically and read with ``torch.load(..., weights_only=True)``.
 
+Every file written here gets a content hash beside it (``NAME.sha256``: hex digest and size),
+written after the file itself; ``load`` checks it, so a truncated or corrupted checkpoint is named
+rather than half-read. A file without its hash (written by another tool, or cut off between the
+two renames) still loads: the unpickler is the last line of defence, never the only one.
+
 ```
 {format, model_state_dict,                      # effective weights: compression baked in
  elastic_trainer_state_dict: {model_buffers_state_dict: {
@@ -13,6 +18,7 @@ atomically and read with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,16 +33,55 @@ BUFFER_KEYS = ("weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_
                "quantization_table", "pattern_library")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
+def _hash_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save(obj: Any, path: str | Path) -> str:
+    """torch.save to a temporary file beside ``path``, fsync, rename over it, then record its
+    SHA-256 in ``path.sha256`` (also atomically). Returns the digest."""
+    path = Path(path)
+    _hash_path(path).unlink(missing_ok=True)  # never a stale hash beside a new file
     atomic_write(path, lambda f: torch.save(obj, f))
+    digest = file_digest(path)
+    line = f"{digest}  {path.stat().st_size}\n".encode()
+    atomic_write(_hash_path(path), lambda f: f.write(line))
+    return digest
+
+
+def check_digest(path: str | Path) -> None:
+    """Raise ``ConfigError`` naming ``path`` when its recorded hash or size does not match."""
+    path = Path(path)
+    hp = _hash_path(path)
+    if not hp.is_file():
+        return
+    try:
+        digest, size = hp.read_text().split()
+        size = int(size)
+    except ValueError:
+        raise ConfigError(f"{hp}: unreadable content hash") from None
+    actual = path.stat().st_size
+    if actual != size:
+        raise ConfigError(f"{path}: truncated or corrupted ({actual} bytes, {size} when written)")
+    if file_digest(path) != digest:
+        raise ConfigError(f"{path}: corrupted (SHA-256 differs from the one recorded when it was written)")
 
 
 def load(path: str | Path) -> dict:
-    """A checkpoint dict or a plain state dict, loaded with ``weights_only=True``."""
+    """A checkpoint dict or a plain state dict, loaded with ``weights_only=True`` after its
+    content hash (when recorded) is checked."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such checkpoint")
+    check_digest(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused or a corrupt file: one line, naming the file

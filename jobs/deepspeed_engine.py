@@ -74,6 +74,18 @@ class DeepSpeedStepper:
     def step(self) -> None:
         self.engine.step()
 
+    def save(self, directory, rank: int = 0) -> None:
+        """DeepSpeed's own checkpoint (a collective: every rank writes its ZeRO partition)."""
+        safe_checkpoint_engine(self.engine)
+        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+
+    def load(self, directory) -> None:
+        safe_checkpoint_engine(self.engine)
+        path, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint 'engine' to resume from")
+
     @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -157,6 +169,23 @@ def gathered_state_dict(model) -> dict:
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def safe_checkpoint_engine(engine) -> None:
+    """DeepSpeed reads its checkpoints with ``torch.load(weights_only=False)`` — unpickling that
+    can run code from a tampered file on shared storage. Swap in an engine that loads with
+    ``weights_only=True``; the one class its files need beyond plain containers is the loss
+    scaler, a record of numbers, allow-listed by name."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine).__name__ != "WeightsOnly":
+        engine.checkpoint_engine = WeightsOnly(engine._config)
 
 
 def engine_factory(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, device: torch.device,

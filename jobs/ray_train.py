@@ -10,6 +10,7 @@ and report (shared storage) and hands the checkpoint to Ray Train through ``ray.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -49,7 +50,7 @@ def start_ray(cluster: ClusterConfig) -> None:
         ray.init(num_cpus=int(need + 0.999), num_gpus=int(cluster.ray.num_workers * cluster.ray.gpus_per_worker),
                  # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
                  # (without it: a warning every few seconds); loopback only, like everything we start
-                 include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 include_dashboard=True, dashboard_host=cluster.ray.dashboard_host, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": env},
                  log_to_driver=True, configure_logging=False)
     else:
@@ -58,7 +59,7 @@ def start_ray(cluster: ClusterConfig) -> None:
 
 def run_stage_on_ray(pipeline_path: Path, cluster: ClusterConfig, run_dir: Path, index: int, stage_name: str,
                      pipeline_name: str) -> None:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     start_ray(cluster)
@@ -70,9 +71,15 @@ def run_stage_on_ray(pipeline_path: Path, cluster: ClusterConfig, run_dir: Path,
                            "run_dir": str(Path(run_dir).resolve()), "index": index},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=f"{pipeline_name}-{stage_name}", storage_path=str(Path(r.storage_path).resolve())),
+        run_config=RunConfig(name=f"{pipeline_name}-{stage_name}", storage_path=str(Path(r.storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=r.max_failures)),
     )
-    trainer.fit()
+    result = trainer.fit()
+    failed = (result.metrics or {}).get("stage_failed")
+    if failed:  # a fault no restart would cure (NaN): the workers stopped together and said why
+        from pipeline.stage import StageFailed
+
+        raise StageFailed(failed)
 
 
 def worker_loop(config: dict) -> None:
@@ -81,7 +88,7 @@ def worker_loop(config: dict) -> None:
     from elastictrain import checkpoint
     from elastictrain.data import load as load_data
     from pipeline.config import load_pipeline
-    from pipeline.stage import Context, run_stage, stage_dir
+    from pipeline.stage import Context, StageFailed, run_stage, stage_dir
 
     from .deepspeed_engine import autocast_dtype, engine_factory, gathered_state_dict
 
@@ -102,7 +109,12 @@ def worker_loop(config: dict) -> None:
                   reduce_metrics=reduce_metrics, optimizer_state=lambda opt: None, cluster=config["cluster"])
     if cluster.deepspeed.zero_stage == 3:
         ctx.state_dict = gathered_state_dict
-    report = run_stage(ctx, index, previous)
+    ctx.all_finite, ctx.barrier = all_finite, torch.distributed.barrier
+    try:
+        report = run_stage(ctx, index, previous)
+    except StageFailed as e:  # every rank raises it together (all_finite); no restart
+        ray.train.report({"stage_failed": str(e)})
+        return
     metrics = {k: report[k] for k in ("top1", "top5", "pruning_ratio", "nominal_compression", "seconds")}
     if rank == 0:  # Ray Train keeps its own copy of the checkpoint (it carries the constraint state)
         with tempfile.TemporaryDirectory() as tmp:
@@ -110,6 +122,15 @@ def worker_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
+
+
+def all_finite(x: float) -> bool:
+    """``x`` is finite on every rank (one float all-reduced): ranks stop together or not at all."""
+    import torch.distributed as dist
+
+    t = torch.tensor([0.0 if math.isfinite(x) else 1.0])
+    dist.all_reduce(t)
+    return float(t[0]) == 0.0
 
 
 def with_rank_checks(make):

@@ -12,6 +12,7 @@ from elastictrain.accounting import format_table
 from elastictrain.config import ConfigError, to_plain
 
 from .artifacts import json_safe, write_json
+from .stage import StageFailed
 
 
 def cmd_init(args) -> int:
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"elastictrain: error: {e}", file=sys.stderr)
         return 2
+    except StageFailed as e:  # a fault met while training: the last good state is kept
+        print(f"elastictrain: stage failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

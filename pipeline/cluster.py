@@ -39,8 +39,13 @@ class RayConfig:
     """submit: the folder shipped to the cluster as the job's working directory (default: this repository)."""
     python: str = "python"
     """submit: the interpreter the driver job runs on the cluster."""
+    max_failures: int = 3
+    """a lost worker (killed, node gone) restarts the worker group, which resumes the stage from
+    its last completed epoch; this many times per stage (0: fail at once)."""
 
     def __post_init__(self) -> None:
+        if self.max_failures < 0:
+            fail("max_failures", f"must be >= 0 (got {self.max_failures})")
         if self.num_workers < 1:
             fail("num_workers", f"must be >= 1 (got {self.num_workers})")
         if self.cpus_per_worker <= 0:

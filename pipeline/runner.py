@@ -88,6 +88,11 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     for i, stage in enumerate(cfg.stages):
         path = stage_dir(ctx, stage) / "checkpoint.pt"
         selected = only is None or stage.name in only
+        if path.is_file() and not is_finished(path):
+            try:
+                checkpoint.load(path)
+            except ConfigError as e:  # named, then redone (from its resume point, if any)
+                log(f"[{stage.name}] {e}; running the stage again")
         if is_finished(path):
             log(f"[{stage.name}] finished earlier: {path} (skipped)")
             previous = checkpoint.load(path)

@@ -6,6 +6,7 @@ Everything that can be wrong with a stage is checked by ``prepare`` before any t
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from elastictrain.robust import attack, robust_accuracy
 from elastictrain.train import Constrainer, Hooks, TorchStepper, build_optimizer, build_scheduler, evaluate, train_epoch
 from elastictrain.verify import verify
 
+from . import resume
 from .artifacts import json_safe, write_json
 from .config import PipelineConfig, StageConfig
 from .report import write_stage_tables
@@ -56,11 +58,27 @@ class Context:
     """sums / averages per-rank metrics across ranks (identity on one process)."""
     state_dict: Callable[[torch.nn.Module], dict] = lambda model: {k: v.detach().cpu() for k, v in model.state_dict().items()}
     """the whole model's state (under ZeRO-3, ``jobs`` gathers the partitioned parameters)."""
+    all_finite: Callable[[float], bool] = lambda x: math.isfinite(x)
+    """whether a value is finite on *every* rank (so all ranks stop together, never one alone)."""
+    barrier: Callable[[], None] = lambda: None
+    """waits for every rank (resume points are committed after all ranks wrote theirs)."""
     cluster: Optional[dict] = None
     """the cluster config (plain), for the tracker's record of the run."""
     optimizer_state: Callable[[torch.optim.Optimizer], Optional[dict]] = lambda opt: opt.state_dict()
     """what the checkpoint keeps of the optimizer: None under DeepSpeed, whose ZeRO partitions it
     across ranks (one rank's slice alone would not restore anything)."""
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped by a fault it cannot train through (NaN/Inf); the message is one line
+    naming the stage, the fault and the last good resume point."""
+
+
+def _last_good(sdir: Path, epoch: int) -> str:
+    if epoch == 0:
+        return "no epoch had completed, so there is no resume point; lower the LR or check the data"
+    return (f"the last good state (after epoch {epoch}) is kept in {resume.points_dir(sdir)}; "
+            "fix the cause (e.g. a lower LR) and rerun to resume from it")
 
 
 def stage_dir(ctx: Context, stage: StageConfig) -> Path:
@@ -146,13 +164,29 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
                           "codebooks": buf["quantization_table"]}
         constrainer = Constrainer(params, plans, stage.enforce, len(train_loader) * stage.epochs, prev_state)
     forward, stepper = ctx.make_engine(model, opt, sched, stage, constrainer)
+    sdir = stage_dir(ctx, stage)
+    owner = {"stage": resume.fingerprint(json_safe(to_plain(stage))), "world_size": ctx.world_size,
+             "pipeline": resume.fingerprint(json_safe([cfg.seed, to_plain(cfg.model), to_plain(cfg.data)]))}
+    history, start, resumed = [], 0, None
+    point = resume.find_point(sdir, owner, ctx.log)
+    if point is not None:  # continue after the last completed epoch, exactly as it was
+        at, manifest = point
+        stepper.load(at)
+        saved = resume.load_state(at)
+        if constrainer is not None:
+            constrainer.resume(saved["constrainer"])
+        resume.set_rng_state(saved["rng"])
+        history, start = list(saved["history"]), int(saved["epoch"])
+        resumed = {"epoch": start, "point": str(at), "checksum_saved": manifest.get("checksum"),
+                   "checksum_restored": constrainer.checksum() if constrainer is not None else None}
+        ctx.log(f"[{stage.name}] resumed after epoch {start}/{stage.epochs} from {at}")
     if constrainer is not None:
         constrainer.begin(opt)
-    history = []
     prog = Progress(cfg.tracking.progress, ctx.log, cfg.tracking.progress_every_s, f"[{stage.name}] ") if ctx.rank == 0 else None
     steps_per_epoch = len(train_loader)
     metrics = StepMetrics(tracker, cfg.tracking.wandb.log_every, steps_per_epoch, ctx.world_size)
-    hooks = Hooks(on_step=metrics.on_step, progress=prog)
+    metrics.step = start * steps_per_epoch
+    hooks = Hooks(on_step=metrics.on_step, progress=prog, finite=ctx.all_finite)
     adv = stage.adversarial
     if adv is not None:  # each rank attacks its own shard of the batch
         # through the module, not a DeepSpeed engine: an engine treats any backward through it —
@@ -161,10 +195,13 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         hooks.adv_beta = adv.beta
     if constrainer is not None:
         constrainer.listeners.append(metrics.on_constraint)
-    for epoch in range(stage.epochs):
+    for epoch in range(start, stage.epochs):
         train_loader.set_epoch(epoch)
         hooks.desc = f"epoch {epoch + 1}/{stage.epochs}"
-        m = train_epoch(forward, train_loader, stepper, constrainer, hooks, ctx.autocast)
+        try:
+            m = train_epoch(forward, train_loader, stepper, constrainer, hooks, ctx.autocast)
+        except FloatingPointError as e:
+            raise StageFailed(f"[{stage.name}] stopped in epoch {epoch + 1}: {e}; {_last_good(sdir, epoch)}") from None
         with constrainer.effective() if constrainer is not None else nullcontext():
             m.update(evaluate(model, test_loader, ctx.autocast, prog))  # what the model is, not its latent weights
             now = ctx.state_dict(model) if plans else None  # (a collective under ZeRO-3: every rank calls it)
@@ -180,6 +217,12 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         ctx.log(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs} loss {m['loss']:.4f} train {m['train_acc']:.2%} "
                 f"test {m['top1']:.2%}" + (f" density {m['density']:.4f}" if "density" in m else "")
                 + f" {m['images_per_s']:.0f} img/s {m['seconds']:.1f}s")
+        if not ctx.all_finite(float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))):
+            raise StageFailed(f"[{stage.name}] stopped after epoch {epoch + 1}: the weights hold NaN/Inf; "
+                              f"{_last_good(sdir, epoch)}")
+        state = {"constrainer": constrainer.state_dict() if constrainer is not None else None, "history": history,
+                 "rng": resume.rng_state(), "checksum": constrainer.checksum() if constrainer is not None else None}
+        resume.save_point(sdir, epoch + 1, stepper, state, owner, ctx.rank, ctx.barrier)
     states = constrainer.finish() if constrainer is not None else {}
     final = evaluate(model, test_loader, ctx.autocast)
     if adv is not None and adv.eval_images:
@@ -196,7 +239,7 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
               "model": cfg.model.name, "data": cfg.data.name, "top1": final["top1"], "top5": final["top5"],
               "test_loss": final["test_loss"], "world_size": ctx.world_size,
               "robust": {k.split(":", 1)[1]: v for k, v in final.items() if k.startswith("robust:")},
-              "seconds": time.perf_counter() - t0, "epochs": stage.epochs, "history": history,
+              "seconds": time.perf_counter() - t0, "epochs": stage.epochs, "history": history, "resumed": resumed,
               "constraint_stats": constrainer.stats if constrainer else {}, **rep}
     states_cpu = {n: _cpu_state(s) for n, s in states.items()}
     ckpt = checkpoint.compressed_checkpoint(
@@ -214,6 +257,7 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         write_json(report, out / "report.json")
         write_stage_tables(out, report, sd, plans)  # layers.parquet (recounted from the weights) + report.md
         checkpoint.atomic_save(ckpt, out / "checkpoint.pt")  # last: a finished checkpoint means every output is there
+        resume.clear(out)
     return report
 
 

@@ -103,6 +103,15 @@ class Constrainer:
         # a stage never revives what an earlier stage pruned: every new mask is cut by these
         self.base_masks = {n: m.clone() for n, m in self.masks.items()}
 
+    def resume(self, state: dict) -> None:
+        """Continue a stage from its own saved ``state_dict()`` (after construction with the
+        previous stage's state, before ``begin``): masks, base masks, codebooks, libraries, ADMM's
+        Z, U and ρ, the step count and statistics, all as they were."""
+        device = next(iter(self.params.values())).device if self.params else None
+        moved = {k: ({n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                     if isinstance(v, dict) and device is not None else v) for k, v in state.items()}
+        self.load_state_dict(moved)
+
     def use_layout(self, layout) -> None:
         """Read and write weights through ``layout`` from now on (before ``begin``)."""
         if layout.sharded and self.cfg.method == "admm":
@@ -295,7 +304,7 @@ class Constrainer:
     def state_dict(self) -> dict:
         return {"masks": dict(self.masks), "libraries": dict(self.libraries), "codebooks": dict(self.codebooks),
                 "Z": dict(self.Z), "U": dict(self.U), "rho": self.rho, "step": self.step, "final": self.final,
-                "stats": dict(self.stats)}
+                "stats": dict(self.stats), "base_masks": dict(getattr(self, "base_masks", {}))}
 
     def load_state_dict(self, state: dict) -> None:
         for n in self.params:
@@ -309,6 +318,9 @@ class Constrainer:
         self.step = state.get("step", 0)
         self.final = state.get("final", False)
         self.stats.update(state.get("stats", {}))
+        if state.get("base_masks"):  # resuming mid-stage: the stage's own starting masks
+            self.base_masks = {n: state["base_masks"][n].to(torch.bool).reshape(self.plans[n].shape)
+                               for n in self.params if n in state["base_masks"]}
         self._kept.clear()
         self._fmask.clear()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
@@ -85,10 +86,28 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: LRConfig, steps_per_epoch: 
 
 
 class TorchStepper:
-    """The optimizer step of a plain (single-process or DDP) model; DeepSpeed brings its own."""
+    """The optimizer step of a plain (single-process or DDP) model; DeepSpeed brings its own.
+    A stepper also owns what resuming needs of the training state: ``save(dir)`` writes the
+    model's (latent) weights, the optimizer's and the LR schedule's state, ``load(dir)`` reads
+    them back (``weights_only``)."""
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched, clip: Optional[float] = None):
         self.model, self.opt, self.sched, self.clip = model, opt, sched, clip
+
+    def save(self, directory, rank: int = 0) -> None:
+        from ..checkpoint import atomic_save
+
+        if rank == 0:
+            atomic_save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                         "scheduler": self.sched.state_dict()}, Path(directory) / "engine.pt")
+
+    def load(self, directory) -> None:
+        from ..checkpoint import load
+
+        state = load(Path(directory) / "engine.pt")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
 
     def backward(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -118,6 +137,8 @@ class Hooks:
     progress: Optional[Progress] = None
     """a bar over the epoch's steps (images/s, running loss and accuracy); None: silent."""
     desc: str = "train"
+    finite: Callable[[float], bool] = math.isfinite
+    """the loss check after every step; distributed runs pass one that agrees across ranks."""
 
 
 def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Optional[Hooks] = None,
@@ -160,8 +181,8 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
             hooks.on_step({"loss": float(loss.detach()), "lr": stepper.lr, "step": steps, "images": y.numel()})
         pbar.update(1, loss=loss_sum / n_seen, acc=correct / n_seen,
                     **{"img/s": round(n_seen / max(time.perf_counter() - t0, 1e-9))})
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"loss became {loss_sum} at step {steps}")
+        if not hooks.finite(loss_sum):
+            raise FloatingPointError(f"the loss became NaN/Inf at step {steps} of the epoch")
     pbar.close()
     dt = time.perf_counter() - t0
     return {"loss": loss_sum / max(n_seen, 1), "train_acc": correct / max(n_seen, 1),
