@@ -174,14 +174,19 @@ def gathered_state_dict(model) -> dict:
 def safe_checkpoint_engine(engine) -> None:
     """DeepSpeed reads its checkpoints with ``torch.load(weights_only=False)`` — unpickling that
     can run code from a tampered file on shared storage. Swap in an engine that loads with
-    ``weights_only=True``; the one class its files need beyond plain containers is the loss
-    scaler, a record of numbers, allow-listed by name."""
+    ``weights_only=True``; the classes its files need beyond plain containers — the loss scaler,
+    the ZeRO stage enum and a fragment's (start, numel) address, records of numbers — are
+    allow-listed by name (``torch.serialization.get_unsafe_globals_in_checkpoint`` lists them)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
     class WeightsOnly(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler]):
+            with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     if type(engine.checkpoint_engine).__name__ != "WeightsOnly":
