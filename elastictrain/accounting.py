@@ -1,7 +1,8 @@
 """Compression accounting: what the seed reports, and the bits a stored model really needs.
 
 Per conv/linear weight (constrained or not):
-- ``params``, ``nonzeros``, ``pruning_ratio`` = params / nonzeros;
+- ``params``, ``nonzeros``, ``pruning_ratio`` = params / nonzeros (``inf`` when nothing is non-zero,
+  an empty layer included; ``files.json_safe`` writes it as null), ``density`` (0.0 for an empty layer);
 - ``bits``: bits per stored non-zero value (the code width when quantized, else 32);
 - ``nominal_bits`` = nonzeros × bits — the seed's accounting, whose ratio
   32·params / Σ nominal_bits reports 1000× pruning with 2-bit codes as 16000×;

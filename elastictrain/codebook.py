@@ -8,7 +8,7 @@ and quantization never changes a mask.
 - ``kmeans``: 1-D Lloyd iterations from quantile initialisation (the standard greedy
   approximation of the optimal 1-D quantizer — not the exact optimum). A group with at most
   2^bits distinct values takes exactly those values, which makes the projection idempotent.
-- ``uniform``: 2^bits evenly spaced values from the group's min to its max kept value.
+- ``uniform``: 2^bits evenly spaced values from the group's min to its max non-zero kept value.
 
 Legend: G = groups, B = group size, N = most kept entries in any group, L = 2^bits levels.
 Codebooks are (G, L) float tensors sorted ascending; unused slots repeat the last value.
@@ -126,10 +126,14 @@ def _kmeans(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int, iters: int) -> tor
 
 
 def _uniform(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int) -> torch.Tensor:
-    lo = vals_GN[:, 0]
-    hi = vals_GN.gather(1, (n_G - 1).clamp(min=0)[:, None]).squeeze(1)
-    lo = torch.where(n_G > 0, lo, torch.zeros_like(lo))
-    hi = torch.where(n_G > 0, hi, torch.zeros_like(hi))
+    # the range of the *non-zero* kept values: a kept 0 takes a code anyway, and a level at lo = 0
+    # would be replaced (zero is reserved), giving a grid that refitting the result does not reproduce
+    live = (torch.arange(vals_GN.shape[1])[None, :] < n_G[:, None]) & (vals_GN != 0)
+    inf = torch.full_like(vals_GN, float("inf"))
+    lo = torch.where(live, vals_GN, inf).amin(1)
+    hi = torch.where(live, vals_GN, -inf).amax(1)
+    lo = torch.where(live.any(1), lo, torch.zeros_like(lo))
+    hi = torch.where(live.any(1), hi, torch.zeros_like(hi))
     t = torch.arange(L, dtype=vals_GN.dtype) / (L - 1)
     return lo[:, None] + (hi - lo)[:, None] * t[None, :]
 
@@ -149,9 +153,28 @@ def fit(x_GB: torch.Tensor, keep_GB: torch.Tensor, bits: int, method: str = "kme
     return _fit(packed.vals_GN.sort(1).values, packed.n_G, bits, method, iters)
 
 
+def _group_scale(vals_GN: torch.Tensor, n_G: torch.Tensor) -> torch.Tensor:
+    """(G, 1): a power of two per group with |kept value| / scale < 2. Raises on NaN/Inf kept values
+    (a silent NaN codebook would spread to every weight of its group)."""
+    valid = torch.arange(vals_GN.shape[1])[None, :] < n_G[:, None]
+    if not bool((vals_GN.isfinite() | ~valid).all()):
+        raise ValueError("codebook fit: kept values include NaN or Inf (a non-finite weight has no nearest code)")
+    amax_G = torch.where(valid, vals_GN.abs(), torch.zeros_like(vals_GN)).amax(1)
+    exp_G = torch.frexp(amax_G).exponent  # amax < 2^exp
+    return torch.pow(2.0, (exp_G - 1).to(vals_GN.dtype))[:, None]
+
+
 def _fit(vals_GN: torch.Tensor, n_G: torch.Tensor, bits: int, method: str, iters: int) -> torch.Tensor:
     """Codebooks from each group's kept values, sorted ascending and +inf padded: (G, L)."""
     L = 1 << bits
+    # fit vals / scale, in (-2, 2): near the dtype's max, Lloyd's sums and the uniform range (hi - lo)
+    # would overflow to inf / NaN; scaling by a power of two is exact, so other results are unchanged
+    scale_G1 = _group_scale(vals_GN, n_G)
+    book = _fit_scaled(vals_GN / scale_G1, n_G, L, method, iters) * scale_G1
+    return _nonzero_values(book, vals_GN, n_G)
+
+
+def _fit_scaled(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int, method: str, iters: int) -> torch.Tensor:
     if method == "uniform":
         book = _uniform(vals_GN, n_G, L)
     elif method == "kmeans":
@@ -163,7 +186,7 @@ def _fit(vals_GN: torch.Tensor, n_G: torch.Tensor, bits: int, method: str, iters
             book[many] = _kmeans(vals_GN[many], n_G[many], L, iters)
     else:
         raise ValueError(f"unknown codebook method {method!r} (expected 'kmeans' or 'uniform')")
-    return _nonzero_values(book, vals_GN, n_G)
+    return book
 
 
 def apply(x_GB: torch.Tensor, keep_GB: torch.Tensor, book_GL: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,14 @@ class Grid:
         return NAMED_UNITS[unit]
 
     def parts(self, shape4: tuple[int, ...], where: str = "") -> tuple[int, int, int, int]:
-        """Integer part counts per axis for a 4-D shape; raises naming the axis that does not divide."""
+        """Integer part counts per axis for a 4-D shape; raises naming the axis that does not divide
+        (or that is empty: a 0-element weight is refused when a plan is made, not projected)."""
         out = []
         for axis, size in zip(AXES, shape4):
             part = getattr(self, axis)
+            if size == 0:  # "each" would give 0 parts (a division by zero below) and no unit exists to keep
+                fail(axis, f"the {axis} axis of {where or 'the tensor'} has size 0: an empty weight cannot be "
+                     "constrained (exempt it with a rule that has no constraints)")
             n = size if part == "each" else 1 if part == "any" else part
             if size % n:
                 fail(axis, f"{n} parts do not divide the {axis} axis of {where or 'the tensor'} (size {size})")

@@ -20,6 +20,7 @@ import torch
 from torch.profiler import record_function
 
 from . import codebook, pattern
+from .config import ConfigError
 from .grid import as4d, block_unview, block_view
 from .plan import LayerPlan, Step
 from .select import keep_count, topk_mask
@@ -94,9 +95,12 @@ def project(
     """Project every planned weight; returns (projected weights, per-layer state).
 
     Weights not in ``plans`` are left out of both results. ``libraries`` fixes pattern libraries
-    (as during training, where a library is chosen once per stage).
+    (as during training, where a library is chosen once per stage). A NaN/Inf weight raises
+    ``ValueError`` and an empty (0-element) weight ``ConfigError``, each naming the layer.
     """
     libraries = libraries or {}
+    for n, plan in plans.items():
+        _check_weight(n, plan, weights[n])
     # compute in at least fp32 (bf16/fp16 weights are promoted; fp64 stays fp64)
     w4 = {n: as4d(weights[n].detach()).to(torch.promote_types(weights[n].dtype, torch.float32)) for n in plans}
     mask4: dict[str, torch.Tensor] = {}
@@ -140,6 +144,18 @@ def project(
         out[n] = q4.reshape(plan.shape).to(weights[n].dtype)
         states[n].mask = m4.reshape(plan.shape)
     return out, states
+
+
+def _check_weight(n: str, plan: LayerPlan, w: torch.Tensor) -> None:
+    """Refuse what has no meaningful projection, naming the layer, rather than return NaN or crash."""
+    if w.numel() == 0:  # plan time refuses this for rules with a grid; pattern / N:M rules land here
+        raise ConfigError(f"rules[{plan.rule}]: {n} has no elements (shape {tuple(w.shape)}): an empty weight "
+                          "cannot be constrained (exempt it with a rule that has no constraints)")
+    if not bool(torch.isfinite(w).all()):  # NaN has no magnitude to rank; Inf makes codebook values NaN
+        bad = ~torch.isfinite(w)
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{n}: {int(bad.sum())} NaN/Inf weight(s), the first at index {first}: a non-finite "
+                         "weight cannot be ranked or quantized (has training diverged?)")
 
 
 def _narrow(state: LayerState, mask4: dict, n: str, plan: LayerPlan, step: Step, unit_mask: torch.Tensor) -> None:

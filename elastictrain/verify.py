@@ -3,6 +3,14 @@
 Nothing here reuses the selection code: it counts non-zeros, non-zero units, distinct supports and
 distinct values, and compares them with what the plan promises. Each failure names the parameter,
 the spec field and where in the tensor it fails.
+
+Weights satisfy a plan when *some* mask that satisfies it covers their non-zeros: a kept weight may
+be exactly 0 (a workload with fewer non-zero units than it keeps, a kernel with fewer non-zeros than
+its pattern's ``entries``), which weights alone cannot tell from a pruned one. So kept counts are
+upper bounds — a workload keeps at most ``keep`` units, a kernel's support lies within a library
+pattern — as they already were for a layer's ``prune`` and for N:M. Without the library, a kernel
+with fewer than ``entries`` non-zeros that lies within no full-size support counts as a pattern of
+its own (conservative: pass the library for the exact check). NaN/Inf weights always fail.
 """
 from __future__ import annotations
 
@@ -39,28 +47,39 @@ def _field(plan: LayerPlan, step_index: int, key: str) -> str:
     return f"{r}.{key}"
 
 
+def _within(codes: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """bool per code: its support is a subset of some pattern's support."""
+    if patterns.numel() == 0:
+        return torch.zeros_like(codes, dtype=torch.bool)
+    return ((codes[:, None] & ~patterns[None, :]) == 0).any(1)
+
+
 def _check_layer(name: str, plan: LayerPlan, w4: torch.Tensor, library: Optional[torch.Tensor]) -> list[Violation]:
     out: list[Violation] = []
     r = f"rules[{plan.rule}]"
     if plan.pattern is not None:
         F, C, R, S = w4.shape
+        entries = plan.pattern.entries
         support = (w4 != 0).reshape(F * C, R * S)
-        alive = support.any(1)
         counts = support.sum(1)
-        bad = (alive & (counts != plan.pattern.entries)).nonzero()
+        bad = (counts > entries).nonzero()
         if bad.numel():
             k = int(bad[0])
             out.append(Violation(name, f"{r}.pattern.entries", f"kernel (filter {k // C}, channel {k % C}) keeps "
-                                 f"{int(counts[k])} positions, not {plan.pattern.entries}"))
-        codes = codes_of(support[alive]).unique()
+                                 f"{int(counts[k])} positions > {entries}"))
+        codes = codes_of(support[counts > 0]).unique()
+        full = codes_of(support[counts == entries]).unique()
         if library is None and plan.pattern.library is not None:
             library = library_from_positions(plan.pattern.library, R * S)
         if library is not None:
-            outside = codes[~torch.isin(codes, codes_of(library))]
+            outside = codes[~_within(codes, codes_of(library))]
             if outside.numel():
-                out.append(Violation(name, f"{r}.pattern.library", f"{outside.numel()} kernel supports are not in the library"))
-        if codes.numel() > plan.pattern.patterns:
-            out.append(Violation(name, f"{r}.pattern.patterns", f"{codes.numel()} distinct kernel supports > {plan.pattern.patterns}"))
+                out.append(Violation(name, f"{r}.pattern.library", f"{outside.numel()} kernel supports lie within no library pattern"))
+            used = library.shape[0]
+        else:  # full-size supports, plus smaller ones that lie within none of them
+            used = full.numel() + int((~_within(codes, full)).sum())
+        if used > plan.pattern.patterns:
+            out.append(Violation(name, f"{r}.pattern.patterns", f"{used} distinct kernel supports > {plan.pattern.patterns}"))
     for s, step in enumerate(plan.steps):
         if step.scope == "global":
             continue  # checked over the whole pool
@@ -72,14 +91,14 @@ def _check_layer(name: str, plan: LayerPlan, w4: torch.Tensor, library: Optional
             continue
         per = block_view(alive, step.workload).sum(1)
         key = _field(plan, s, "balance")
-        if step.at_most:
-            if int(per.max()) > step.keep:
-                i = int(per.argmax())
-                out.append(Violation(name, key, f"block {i} holds {int(per[i])} non-zeros > n={step.keep}"))
-        elif int(per.min()) != int(per.max()) or int(per.max()) > step.keep:
+        # at most `keep` per workload: a workload with fewer non-zero units keeps zero-valued ones
+        if int(per.max()) > step.keep:
             lo, hi = int(per.argmin()), int(per.argmax())
-            out.append(Violation(name, key, f"kept units per workload differ or exceed {step.keep}: "
-                                 f"workload {lo} has {int(per[lo])}, workload {hi} has {int(per[hi])}"))
+            if step.at_most:
+                out.append(Violation(name, key, f"block {hi} holds {int(per[hi])} non-zeros > n={step.keep}"))
+            else:
+                out.append(Violation(name, key, f"kept units per workload differ or exceed {step.keep}: "
+                                     f"workload {lo} has {int(per[lo])}, workload {hi} has {int(per[hi])}"))
     if plan.quantize is not None:
         x_GB = block_view(w4, plan.quant_parts)
         L = 1 << plan.quantize.bits
@@ -105,6 +124,13 @@ def verify(plans: dict[str, LayerPlan], weights: dict[str, torch.Tensor],
         w4 = as4d(weights[name].detach()).float()
         if tuple(w4.shape) != plan.shape4:
             out.append(Violation(name, f"rules[{plan.rule}]", f"shape {tuple(weights[name].shape)} != planned {plan.shape}"))
+            continue
+        if w4.numel() == 0:  # as projection refuses it (and grids of a 0-size axis cannot be cut)
+            out.append(Violation(name, f"rules[{plan.rule}]", "an empty weight cannot be constrained"))
+            continue
+        nonfinite = int((~torch.isfinite(weights[name].detach())).sum())
+        if nonfinite:
+            out.append(Violation(name, f"rules[{plan.rule}]", f"{nonfinite} NaN/Inf weights"))
             continue
         out += _check_layer(name, plan, w4, libraries.get(name))
         for step in plan.steps:
