@@ -70,9 +70,11 @@ def check_digest(path: str | Path) -> None:
         raise ConfigError(f"{hp}: unreadable content hash") from None
     actual = path.stat().st_size
     if actual != size:
-        raise ConfigError(f"{path}: truncated or corrupted ({actual} bytes, {size} when written)")
+        raise ConfigError(f"{path}: truncated or corrupted ({actual} bytes, {size} when written; "
+                          f"if you rewrote it on purpose, delete {hp.name})")
     if file_digest(path) != digest:
-        raise ConfigError(f"{path}: corrupted (SHA-256 differs from the one recorded when it was written)")
+        raise ConfigError(f"{path}: corrupted (SHA-256 differs from the one recorded when it was written; "
+                          f"if you rewrote it on purpose, delete {hp.name})")
 
 
 def load(path: str | Path) -> dict:

@@ -101,6 +101,34 @@ def test_chained_jobs_failure_cancels_the_rest_and_resubmission_finishes(slurm, 
         assert a[key] == b[key], key
 
 
+@pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+def test_a_requeued_stage_resumes_from_its_last_epoch(slurm, tmp_path):
+    """Preemption as Slurm does it: ``scontrol requeue`` kills the running job and queues it again
+    (``#SBATCH --requeue``); the job runs the same command, which resumes the stage."""
+    run_dir = tmp_path / "run"
+    jobs = submit(QUICKSTART, ROOT / "configs/clusters/slurm-local.yaml", str(run_dir), log=lambda s: None,
+                  overrides=["stages=[{name: dense_pretrain, epochs: 5}]", "data.limit_train=3000",
+                             "data.limit_test=300", "data.batch_size=100"])
+    job = jobs["dense_pretrain"]
+    manifest = run_dir / "dense_pretrain" / "resume" / "epoch-1" / "MANIFEST.json"
+    end = time.monotonic() + 300
+    while not manifest.is_file():
+        assert time.monotonic() < end, "no resume point appeared"
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # a requeued job waits out a begin-time delay; release it now instead of waiting ~2 minutes
+    for _ in range(100):
+        if subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.2)
+    assert {r["stage"]: r["state"] for r in _wait(run_dir)} == {"dense_pretrain": "FINISHED"}
+    log = next((run_dir / "submit").glob(f"dense_pretrain-{job}.out")).read_text()
+    assert "DUE TO JOB REQUEUE" in log and log.count(f"job {job} on") == 2, log[-3000:]
+    report = json.loads((run_dir / "dense_pretrain" / "report.json").read_text())
+    assert report["resumed"]["epoch"] >= 1 and [h["epoch"] for h in report["history"]] == [1, 2, 3, 4, 5]
+    assert f"resumed after epoch {report['resumed']['epoch']}/5" in log
+
+
 def test_2x8gpu_scripts_pass_sbatch_test_only(slurm, tmp_path):
     from jobs.slurm import render, sbatch
 
