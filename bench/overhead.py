@@ -2,10 +2,13 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/overhead.py [--model smallcnn] [--steps 20] [--rounds 7]
+    .venv/bin/python bench/overhead.py [--model smallcnn] [--steps 20] [--rounds 7] [--quick]
 
 Variants (each its own model copy and SGD optimizer, same batch, same seed):
   * dense — forward, backward, SGD step;
+  * one per constraint kind, each in its steady state (masks held, ``enforce: fixed``) on every
+    conv/linear weight: ``unstructured`` 50×, ``kernel`` 10×, ``pattern`` 4-of-9 + kernel 2×,
+    ``balanced`` 50× over 16 × 4 workloads, ``quantize`` 4-bit × 16 codebooks (no pruning);
   * qat-mixture — the heaviest mixture of the quickstart (patterns + kernel pruning, balanced
     64× pruning, 2-bit codes with up to 64 codebooks per layer) in its quantize-stage steady state:
     masks held, quantized forward (STE), gradient masking, re-masking, codebooks refit every 50 steps;
@@ -13,7 +16,8 @@ Variants (each its own model copy and SGD optimizer, same batch, same seed):
 Rounds interleave the variants (dense, qat, progressive, dense, …) so machine noise hits all of
 them alike; each round times ``--steps`` steps of each, and the ratio is taken per round and its
 median reported. Inputs are a fixed random batch of Fashion-MNIST's shape (step time does not
-depend on pixel values). Writes bench/results/overhead.json.
+depend on pixel values). Writes bench/results/overhead.json; ``--quick`` (3 rounds × 5 steps,
+about a minute) writes overhead-quick.json and prints it as the last line.
 """
 from __future__ import annotations
 
@@ -32,11 +36,21 @@ import torch  # noqa: E402
 from bench.machine import describe, write_result  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
 from elastictrain.plan import resolve  # noqa: E402
-from elastictrain.spec import load  # noqa: E402
+from elastictrain.spec import load, parse  # noqa: E402
 from elastictrain.train import Constrainer, EnforceConfig, OptimConfig, build_optimizer  # noqa: E402
 
 SPECS = {"smallcnn": ("configs/specs/smallcnn-mixture.yaml", "configs/specs/smallcnn-prune.yaml")}
 TARGET = 1.05
+ALL = "*.weight"
+BIG = ("features.3.weight", "classifier.0.weight")  # 98% of SmallCNN's weights; 16 × 4 grids divide them
+KINDS = {  # inline specs, one constraint kind each (all weights, or the two big layers where a grid must divide)
+    "unstructured": {"rules": [{"match": ALL, "prune": {"ratio": 50}}]},
+    "kernel": {"rules": [{"match": ALL, "layer": "conv", "prune": {"unit": "kernel", "ratio": 10}}]},
+    "pattern": {"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 2},
+                           "pattern": {"entries": 4, "patterns": 8}}]},
+    "balanced": {"rules": [{"match": m, "prune": {"ratio": 50}, "balance": {"filter": 16, "channel": 4}} for m in BIG]},
+    "quantize": {"rules": [{"match": m, "quantize": {"bits": 4, "groups": {"filter": 16}}} for m in BIG]},
+}
 
 
 def variant(name: str, model_name: str, spec_path: str | None, enforce: EnforceConfig | None, steps_total: int):
@@ -45,7 +59,8 @@ def variant(name: str, model_name: str, spec_path: str | None, enforce: EnforceC
     opt = build_optimizer(model, OptimConfig(lr=0.01))
     c = None
     if spec_path:
-        plans = resolve(load(ROOT / spec_path), {n: tuple(p.shape) for n, p in model.named_parameters()}, spec_path)
+        spec = parse(spec_path) if isinstance(spec_path, dict) else load(ROOT / spec_path)
+        plans = resolve(spec, {n: tuple(p.shape) for n, p in model.named_parameters()}, str(spec_path)[:40])
         c = Constrainer(dict(model.named_parameters()), plans, enforce, steps_total)
         c.begin(opt)
     return {"name": name, "model": model, "opt": opt, "c": c, "per_step_s": []}
@@ -75,12 +90,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="steps per variant per round")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/overhead.json"))
+    ap.add_argument("--out", default=None, help="default bench/results/overhead.json (overhead-quick.json with --quick)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds × 5 steps (about a minute); prints the JSON last")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 3, 5
+    args.out = args.out or str(ROOT / "bench/results" / ("overhead-quick.json" if args.quick else "overhead.json"))
     mixture, prune = SPECS[args.model]
     total = args.steps * (args.rounds + 1)
+    fixed = EnforceConfig(method="fixed", codebook="refit", refit_every=50)
     variants = [
         variant("dense", args.model, None, None, total),
+        *[variant(kind, args.model, spec, fixed, total) for kind, spec in KINDS.items()],
         variant("qat-mixture", args.model, mixture, EnforceConfig(method="fixed", codebook="refit", refit_every=50), total),
         variant("progressive-prune", args.model, prune, EnforceConfig(method="progressive", update_every=50, end=1.0), total),
     ]
@@ -106,12 +127,14 @@ def main(argv=None) -> dict:
     print("|---|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['median_step_ms']:.2f} | {r['ratio_to_dense_median']:.3f}× |")
-    qat = rows[1]["ratio_to_dense_median"]
+    qat = next(r["ratio_to_dense_median"] for r in rows if r["variant"] == "qat-mixture")
     print(f"\nheaviest mixture (QAT) {qat:.3f}× dense: target {'MET' if qat <= TARGET else 'NOT MET'}")
     result = {"machine": m, "model": args.model, "batch": args.batch, "steps_per_round": args.steps,
-              "rounds": args.rounds, "specs": {"qat-mixture": mixture, "progressive-prune": prune},
+              "rounds": args.rounds, "specs": {"qat-mixture": mixture, "progressive-prune": prune, **KINDS},
               "target_ratio": TARGET, "rows": rows}
     write_result(result, args.out)
+    if args.quick:
+        print(json.dumps({k: v for k, v in result.items() if k != "machine"}))
     return result
 
 

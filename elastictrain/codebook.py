@@ -58,9 +58,26 @@ class KeptIndex:
         self.flat = flat_GB[self.rows, cols]
         self.G = keep_GB.shape[0]
         self.n_G, self.pos, self.N = _slots(self.rows, self.G)
+        # everything kept and the groups contiguous in memory (e.g. a dense layer with filter groups):
+        # the weight *is* its packed (G, N) layout, and every gather/scatter becomes a view
+        self.identity = self.flat.numel() == mask4.numel() and bool(
+            (self.flat == torch.arange(mask4.numel(), device=mask4.device)).all())
+
+    def take(self, w: torch.Tensor) -> torch.Tensor:
+        """The kept entries of ``w`` (a copy), in ``flat`` order."""
+        return w.reshape(-1).clone() if self.identity else w.reshape(-1)[self.flat]
+
+    def put_(self, w: torch.Tensor, vals: torch.Tensor) -> None:
+        """Write ``take``'s values back into ``w`` in place."""
+        if self.identity:
+            w.view(-1).copy_(vals)
+        else:
+            w.view(-1)[self.flat] = vals
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:
         """Kept values of ``w`` as (G, N), +inf padded."""
+        if self.identity:
+            return w.reshape(self.G, self.N)
         vals = torch.full((self.G, self.N), float("inf"), dtype=w.dtype, device=w.device)
         vals[self.rows, self.pos] = w.reshape(-1)[self.flat]
         return vals
@@ -70,9 +87,15 @@ class KeptIndex:
 
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor, book_GL: torch.Tensor) -> None:
-        """Write each kept entry's nearest codebook value into ``w`` in place (pruned entries untouched)."""
-        codes = nearest(w.reshape(-1)[self.flat][:, None], book_GL[self.rows]).squeeze(1)
-        w.view(-1)[self.flat] = book_GL[self.rows, codes]
+        """Write each kept entry's nearest codebook value into ``w`` in place (pruned entries untouched).
+        One batched search over the packed (G, N) values: a per-entry search against a gathered
+        (kept, L) copy of the books allocated kept × L floats per step (51 MB for a dense 800 k
+        layer at 4 bits) and ran 5× slower than the step it served."""
+        codes = nearest(self.packed(w), book_GL)
+        if self.identity:
+            w.view(self.G, self.N).copy_(book_GL.gather(1, codes))
+        else:
+            w.view(-1)[self.flat] = book_GL.gather(1, codes)[self.rows, self.pos]
 
 
 def _distinct(vals_GN: torch.Tensor, n_G: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:

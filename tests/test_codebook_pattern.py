@@ -83,3 +83,23 @@ def test_kept_index_matches_block_view_path():
     idx.quantize_(q, book)
     ref = block_unview(codebook.apply(block_view(w4, parts), block_view(mask4, parts), book), w4.shape, parts)
     assert torch.equal(q, ref)
+
+
+def test_kept_index_fast_path_equals_the_general_one():
+    """A dense layer with contiguous groups takes views instead of gathers; same values either way."""
+    from elastictrain.codebook import KeptIndex
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 8, 3, 3)
+    for mask in (torch.ones_like(w, dtype=torch.bool), torch.rand(w.shape) > 0.3):
+        fast, slow = KeptIndex(mask, (4, 1, 1, 1)), KeptIndex(mask, (4, 1, 1, 1))
+        slow.identity = False
+        assert fast.identity == bool(mask.all())
+        book = fast.fit(w, 3)
+        assert torch.equal(book, slow.fit(w, 3))
+        a, b = w.clone(), w.clone()
+        fast.quantize_(a, book)
+        slow.quantize_(b, book)
+        assert torch.equal(a, b) and torch.equal(fast.take(w), slow.take(w))
+        fast.put_(a, fast.take(w))
+        assert torch.equal(a, torch.where(mask, w, a))

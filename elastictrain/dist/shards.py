@@ -111,8 +111,14 @@ class ShardKept:
 
     @torch.no_grad()
     def quantize_(self, x_n: torch.Tensor, book_GL: torch.Tensor) -> None:
-        codes = nearest(x_n.reshape(-1)[self.flat][:, None], book_GL[self.rows]).squeeze(1)
-        x_n.view(-1)[self.flat] = book_GL[self.rows, codes].to(x_n.dtype)
+        codes = nearest(self.packed(x_n), book_GL)  # one batched search (see codebook.KeptIndex.quantize_)
+        x_n.view(-1)[self.flat] = book_GL.gather(1, codes)[self.rows, self.pos].to(x_n.dtype)
+
+    def take(self, x_n: torch.Tensor) -> torch.Tensor:
+        return x_n.reshape(-1)[self.flat]
+
+    def put_(self, x_n: torch.Tensor, vals: torch.Tensor) -> None:
+        x_n.view(-1)[self.flat] = vals
 
 
 def gather_masks(keep: dict[str, torch.Tensor], shards: dict[str, Shard], group=None,

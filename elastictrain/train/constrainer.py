@@ -129,7 +129,7 @@ class Constrainer:
         for n, book in self.codebooks.items():
             x, _ = self.layout.local(n)
             idx = self._kept_index(n)
-            self._latent[n] = x[idx.flat]  # only kept entries differ from Q(W)
+            self._latent[n] = idx.take(x)  # only kept entries differ from Q(W)
             idx.quantize_(x, book)
 
     @torch.no_grad()
@@ -163,7 +163,7 @@ class Constrainer:
         if self._latent:
             self.layout.release()
         for n, latent in self._latent.items():
-            self.layout.local(n)[0][self._kept[n].flat] = latent
+            self._kept[n].put_(self.layout.local(n)[0], latent)
         self._latent.clear()
 
     @contextmanager
