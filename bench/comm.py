@@ -119,14 +119,18 @@ def worker(rank: int, port: int, repeats: int, out: str) -> None:
 
 
 def main(argv=None) -> dict:
+    from bench.machine import add_quick
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/comm.json"))
+    add_quick(ap, "comm", "one repeat")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    from bench.machine import describe, spawn_two, write_result
+    from bench.machine import describe, finish, out_path, spawn_two
 
-    rows = spawn_two(worker, args.repeats, out=args.out)
+    rows = spawn_two(worker, args.repeats, out=out_path(args, "comm"))
 
     m = describe()
     print(f"### Communication per step and per sync — VGG16 weights, 2 ranks, gloo on loopback; {m['cpu_model']}, "
@@ -149,8 +153,7 @@ def main(argv=None) -> dict:
         print(f"{r['ratio']}×, counting biases and BatchNorm (always dense): dense {wb['dense_bytes'] / 1e6:.2f} MB, "
               f"sparse-aware {wb['sparse_bytes'] / 1e3:.1f} kB")
     result = {"machine": m, "model": "vgg16", "world_size": 2, "backend": "gloo", "repeats": args.repeats, "rows": rows}
-    write_result(result, args.out)
-    return result
+    return finish(result, args, "comm")
 
 
 if __name__ == "__main__":

@@ -102,14 +102,18 @@ def worker(rank: int, port: int, steps: int, rounds: int, out: str) -> None:
 
 
 def main(argv=None) -> dict:
+    from bench.machine import add_quick
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/ds_overhead.json"))
+    add_quick(ap, "ds_overhead", "2 rounds × 5 steps")
     args = ap.parse_args(argv)
-    from bench.machine import describe, spawn_two, write_result
+    if args.quick:
+        args.rounds, args.steps = 2, 5
+    from bench.machine import describe, finish, out_path, spawn_two
 
-    rows = spawn_two(worker, args.steps, args.rounds, out=args.out)
+    rows = spawn_two(worker, args.steps, args.rounds, out=out_path(args, "ds_overhead"))
 
     m = describe()
     print(f"### Step overhead on the distributed stack — SmallCNN, 2 ranks × DeepSpeed (gloo, loopback), global batch 128; "
@@ -120,8 +124,7 @@ def main(argv=None) -> dict:
         print(f"| {r['variant']} | {r['zero_stage']} | {r['median_step_ms']:.2f} | {r['ratio_to_dense_median']:.3f}× |")
     result = {"machine": m, "model": "smallcnn", "spec": SPEC, "spec_zero3": SPEC_ZERO3, "world_size": 2, "steps_per_round": args.steps,
               "rounds": args.rounds, "rows": rows}
-    write_result(result, args.out)
-    return result
+    return finish(result, args, "ds_overhead")
 
 
 if __name__ == "__main__":

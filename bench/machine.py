@@ -107,3 +107,26 @@ def spawn_two(worker, *args, out) -> list:
     rows = json.loads(rows_path.read_text())
     rows_path.unlink()
     return rows
+
+
+def add_quick(ap, name: str, help: str) -> None:
+    """``--quick`` (a short run of about a minute) and ``--out`` (default results/NAME.json, or
+    NAME-quick.json with --quick, so a quick run never overwrites the full figures)."""
+    ap.add_argument("--quick", action="store_true", help=help + "; prints its JSON as the last line")
+    ap.add_argument("--out", default=None, help=f"default bench/results/{name}.json ({name}-quick.json with --quick)")
+
+
+def out_path(args, name: str):
+    from pathlib import Path
+
+    return args.out or str(Path(__file__).resolve().parent / "results" / (f"{name}-quick.json" if args.quick else f"{name}.json"))
+
+
+def finish(result: dict, args, name: str) -> dict:
+    """Write the JSON; with --quick also print it (without the machine block) as the last line."""
+    import json
+
+    write_result(result, out_path(args, name))
+    if args.quick:
+        print(json.dumps({k: v for k, v in result.items() if k != "machine"}, default=str))
+    return result

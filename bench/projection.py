@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from bench.breakdown import breakdown, print_table  # noqa: E402
 from bench.loop_reference import loop_project  # noqa: E402
-from bench.machine import cpu_busy, describe, write_result  # noqa: E402
+from bench.machine import add_quick, cpu_busy, describe, finish  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
 from elastictrain.plan import resolve  # noqa: E402
 from elastictrain.projection import project  # noqa: E402
@@ -91,8 +91,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--loop-layers", type=int, default=None,
                     help="run the loop reference on the first N constrained layers only and extrapolate by "
                          "parameter count (rough: the first layers are small, so per-block overheads weigh more)")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/projection.json"))
+    add_quick(ap, "projection", "one timed repeat, the loop reference on 2 layers (extrapolated)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.loop_layers = 1, 2
 
     busy_before = cpu_busy()
     if busy_before is not None and busy_before > 0.10:
@@ -179,8 +181,7 @@ def main(argv=None) -> dict:
                    "time_met": met_time, "speedup_met": met_speed},
         "verify": checks, "loop_vs_vectorised": agree, "breakdown": bd,
     }
-    write_result(result, args.out)
-    return result
+    return finish(result, args, "projection")
 
 
 if __name__ == "__main__":
