@@ -52,13 +52,14 @@ demo-compress: setup
 		--out $(DEMO)/vgg16-mixture.pt --report $(DEMO)/vgg16-mixture.json
 	$(ET) verify $(DEMO)/vgg16-mixture.pt --spec configs/specs/vgg16-mixture.yaml
 
-bench: setup  # the CPU benchmarks; each prints its table and writes bench/results/<name>.json
+bench: setup data  # the CPU benchmarks; each prints its table and writes bench/results/<name>.json
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/ds_overhead.py
 	$(BIN)/python bench/comm.py
 	$(BIN)/python bench/artifact.py
 	$(BIN)/python bench/robust.py
+	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (SmallCNN, ~40 min on 2 cores)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .hypothesis
