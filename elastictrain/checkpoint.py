@@ -77,6 +77,20 @@ def check_digest(path: str | Path) -> None:
                           f"if you rewrote it on purpose, delete {hp.name})")
 
 
+class UnsafeCheckpoint(ConfigError):
+    """A file that names Python callables for the unpickler to run: refused, and never taken for a
+    merely corrupted checkpoint that a rerun may overwrite (it is evidence of tampering)."""
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals outside torch's weights-only allowlist that the file's pickle names (read from
+    its opcodes, nothing executed); [] when there are none or the file cannot be scanned."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return []
+
+
 def load(path: str | Path) -> dict:
     """A checkpoint dict or a plain state dict, loaded with ``weights_only=True`` after its
     content hash (when recorded) is checked."""
@@ -87,6 +101,10 @@ def load(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused or a corrupt file: one line, naming the file
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UnsafeCheckpoint(f"{path}: not a readable checkpoint: unpickling it would call {', '.join(unsafe[:3])} "
+                                   "(refused, nothing ran; a checkpoint holds only tensors and plain values)") from None
         raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")

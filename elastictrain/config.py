@@ -5,10 +5,14 @@ Every config in the project (compression specs here; pipelines and clusters late
 unknown keys and wrong types, and runs each class's ``__post_init__`` checks; any failure becomes a
 one-line :class:`ConfigError` carrying the full path, e.g. ``rules[2].quantize.bits: must be 1..8``.
 A class may define ``_coerce(value)`` (a classmethod) to accept a shorthand form of itself.
+:func:`load_yaml` turns every way a file can fail to parse into a ConfigError naming the file, and
+:func:`refuse_secrets` refuses keys that look like credentials (those come from the environment).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -18,7 +22,11 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A user error in a config file: one line naming where and why."""
+    """A user error in a config file: one line naming where and why (a line break that a key, a
+    value or a path brings in is escaped, so the message stays one line)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def fail(field: str, reason: str) -> typing.NoReturn:
@@ -30,6 +38,11 @@ def _join(path: str, field: str) -> str:
     if not path:
         return field
     return f"{path}{field}" if field.startswith("[") else f"{path}.{field}"
+
+
+def _key(k: Any) -> str:
+    """A mapping key in a field path: as written when it reads as a name, else quoted."""
+    return k if isinstance(k, str) and k.isprintable() and k.strip() == k and k else repr(k)
 
 
 def _tname(tp: Any) -> str:
@@ -45,6 +58,19 @@ def _tname(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: short, whatever its size or depth."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int too long to print
+        return f"an integer of {value.bit_length()} bits"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 2, 6, 4
 
 
 def build(tp: Any, value: Any, path: str = "") -> Any:
@@ -68,26 +94,29 @@ def build(tp: Any, value: Any, path: str = "") -> Any:
         deep = [e for e in errors if not str(e).startswith(f"{path or 'value'}: expected")]
         if deep:
             raise deep[0]
-        raise ConfigError(f"{path or 'value'}: expected {_tname(tp)}, got {value!r}")
+        raise ConfigError(f"{path or 'value'}: expected {_tname(tp)}, got {_show(value)}")
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             return value
-        raise ConfigError(f"{path or 'value'}: must be one of {', '.join(map(repr, typing.get_args(tp)))} (got {value!r})")
+        raise ConfigError(f"{path or 'value'}: must be one of {', '.join(map(repr, typing.get_args(tp)))} (got {_show(value)})")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path or 'value'}: expected {_tname(tp)}, got {value!r}")
+            raise ConfigError(f"{path or 'value'}: expected {_tname(tp)}, got {_show(value)}")
         (arg,) = typing.get_args(tp)
         return [build(arg, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path or 'value'}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path or 'value'}: expected a mapping, got {_show(value)}")
         _, varg = typing.get_args(tp)
-        return {str(k): build(varg, v, _join(path, str(k))) for k, v in value.items()}
+        return {str(k): build(varg, v, _join(path, _key(k))) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:  # (not NaN)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -96,7 +125,7 @@ def build(tp: Any, value: Any, path: str = "") -> Any:
             return value
     else:
         raise TypeError(f"config type {tp!r} is not supported")
-    raise ConfigError(f"{path or 'value'}: expected {_tname(tp)}, got {value!r}")
+    raise ConfigError(f"{path or 'value'}: expected {_tname(tp)}, got {_show(value)}")
 
 
 def _build_dataclass(cls: Any, value: Any, path: str) -> Any:
@@ -107,12 +136,12 @@ def _build_dataclass(cls: Any, value: Any, path: str) -> Any:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{path or 'value'}: {e}") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{path or 'value'}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{path or 'value'}: expected a mapping, got {_show(value)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in value if k not in fields]
     if unknown:
-        raise ConfigError(f"{_join(path, str(unknown[0]))}: unknown key (expected one of {', '.join(fields)})")
+        raise ConfigError(f"{_join(path, _key(unknown[0]))}: unknown key (expected one of {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         if name in value:
@@ -127,16 +156,59 @@ def _build_dataclass(cls: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"{path or 'value'}: {e}") from None
 
 
+def is_file(path: str | Path) -> bool:
+    """``Path.is_file`` that is False, not an OSError, for a name the OS refuses (too long, …)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def load_yaml(path: str | Path) -> Any:
     p = Path(path)
-    if not p.is_file():
+    if not is_file(p):
         raise ConfigError(f"{p}: no such file")
     try:
-        return yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        where = f" line {mark.line + 1}:" if mark else ""
+        why = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{p}:{where} not valid YAML ({why})") from None
+    except Exception as e:  # a constructor's own failure (a 5000-digit int, a bad !!timestamp) or deep nesting
+        raise ConfigError(f"{p}: not valid YAML ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+    if data is None:
+        raise ConfigError(f"{p}: empty file (expected a mapping)")
+    return data
+
+
+_SECRET = re.compile(r"api[_-]?key|token|passw(or)?d|secret|credential", re.IGNORECASE)
+
+
+def refuse_secrets(tree: Any) -> Any:
+    """``tree`` as it is, or a ConfigError naming the first key that looks like a credential: those
+    come from the environment (``WANDB_API_KEY`` …), never from a config file, which is copied
+    into run directories, job scripts and tracking records."""
+    todo, seen = [(tree, "")], set()
+    while todo:  # iterative, and each mapping once: YAML aliases may share or nest them
+        node, path = todo.pop()
+        if id(node) in seen or not isinstance(node, (dict, list)):
+            continue
+        seen.add(id(node))
+        items = node.items() if isinstance(node, dict) else ((f"[{i}]", v) for i, v in enumerate(node))
+        for k, v in items:
+            where = _join(path, k if isinstance(node, list) else _key(k))
+            if isinstance(node, dict) and isinstance(k, str) and _SECRET.search(k):
+                raise ConfigError(f"{where}: looks like a secret; keys and tokens come from the environment "
+                                  "(e.g. WANDB_API_KEY), never from a config file")
+            todo.append((v, where))
+    return tree
 
 
 def to_plain(obj: Any) -> Any:
@@ -166,8 +238,8 @@ def apply_overrides(raw: Any, overrides: typing.Sequence[str], where: str = "--s
             raise ConfigError(f"{where} {item!r}: expected KEY=VALUE, e.g. data.limit_train=1000")
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"{where} {key}: value {text!r} is not valid YAML") from None
+        except Exception:  # YAMLError, or a constructor's own (a 5000-digit int, a bad !!timestamp)
+            raise ConfigError(f"{where} {key}: value {_show(text)} is not valid YAML") from None
         _assign([tree], key.strip().split("."), value, f"{where} {key.strip()}")
     return tree
 
@@ -199,7 +271,7 @@ def _assign(nodes: list, steps: list[str], value: Any, where: str) -> None:
                 if child is None:
                     child = node[step] = {}
                 if not isinstance(child, (dict, list)):
-                    raise ConfigError(f"{where}: {step!r} holds {child!r}, not a mapping")
+                    raise ConfigError(f"{where}: {step!r} holds {_show(child)}, not a mapping")
                 _assign([child], rest, value, where)
         else:
-            raise ConfigError(f"{where}: cannot index {node!r} with {step!r}")
+            raise ConfigError(f"{where}: cannot index {_show(node)} with {step!r}")

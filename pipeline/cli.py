@@ -145,8 +145,16 @@ def _set_option(s: argparse.ArgumentParser) -> None:
                         "stages.quantize.optimizer.lr=0.005 — the run directory keeps the resolved pipeline.yaml")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one line too (``elastictrain: error: eval: argument …``)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("elastictrain").strip()
+        raise ConfigError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="elastictrain", description="Train and compress DNNs under a mixture of constraints.")
+    p = _Parser(prog="elastictrain", description="Train and compress DNNs under a mixture of constraints.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="write a freshly initialised model checkpoint")
@@ -230,8 +238,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         return args.fn(args)
     except ConfigError as e:
         print(f"elastictrain: error: {e}", file=sys.stderr)

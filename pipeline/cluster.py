@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from elastictrain.config import ConfigError, build, fail, load_yaml
+from elastictrain.config import ConfigError, build, fail, load_yaml, refuse_secrets
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 
@@ -119,6 +119,10 @@ class SlurmConfig:
             fail("workers_per_node", f"{self.workers_per_node} ranks cannot share {self.gpus_per_node} GPUs evenly")
         if not _TIME.match(self.time):
             fail("time", f"must be [D-]HH[:MM[:SS]] (got {self.time!r})")
+        if any(int(x) > 59 for x in self.time.split("-")[-1].split(":")[1:]):
+            fail("time", f"minutes and seconds must be 00..59 (got {self.time!r})")
+        if not any(int(x) for x in re.split("[-:]", self.time)):
+            fail("time", f"must be longer than 0 (got {self.time!r})")
         for i, line in enumerate(self.sbatch):
             if not line.startswith("--") or "\n" in line:
                 fail(f"sbatch[{i}]", f"must be one sbatch option starting with -- (got {line!r})")
@@ -178,8 +182,9 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
     """A cluster config; ``None`` means the embedded default, ``configs/clusters/local.yaml``."""
     if path is None:
         path = DEFAULT_CLUSTER
+    raw = load_yaml(path)  # its errors name the file already
     try:
-        return build(ClusterConfig, load_yaml(path))
+        return build(ClusterConfig, refuse_secrets(raw))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -19,7 +19,7 @@ from typing import Literal, Optional, Sequence, Union
 
 import yaml
 
-from elastictrain.config import ConfigError, apply_overrides, build, fail, load_yaml
+from elastictrain.config import ConfigError, apply_overrides, build, fail, is_file, load_yaml, refuse_secrets
 from elastictrain.data import DataConfig
 from elastictrain.files import atomic_write
 from elastictrain.robust import AdversarialConfig
@@ -102,15 +102,16 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineCo
     ``elastictrain.config.apply_overrides``), loading every stage's spec (relative paths resolve
     against the pipeline file's folder); the previous stage's spec carries into a finetune stage."""
     path = Path(path)
+    raw = load_yaml(path)  # its errors name the file already
     try:
-        cfg = build(PipelineConfig, _raw(path, overrides))
+        cfg = build(PipelineConfig, refuse_secrets(apply_overrides(raw, overrides) if overrides else raw))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     previous: Optional[Spec] = None
     for i, stage in enumerate(cfg.stages):
         if isinstance(stage.spec, str):
             spec_path = Path(stage.spec) if Path(stage.spec).is_absolute() else path.parent / stage.spec
-            if not spec_path.is_file():
+            if not is_file(spec_path):
                 raise ConfigError(f"{path}: stages[{i}].spec: no such file {spec_path}")
             stage.spec = load_spec(spec_path)
         elif isinstance(stage.spec, Spec):

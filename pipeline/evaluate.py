@@ -88,7 +88,7 @@ def plans_of(ckpt: dict, sd: dict[str, torch.Tensor], source: str) -> dict[str, 
     return plans
 
 
-def _model_for(ckpt: dict, sd: dict, req: EvalRequest):
+def _model_for(ckpt: dict, sd: dict, req: EvalRequest, bundle=None):
     from elastictrain.models import build_model
 
     name = req.model or ckpt.get("model")
@@ -98,11 +98,16 @@ def _model_for(ckpt: dict, sd: dict, req: EvalRequest):
     linears = [v for v in sd.values() if v.dim() == 2]
     classes = ckpt.get("num_classes") or (linears[-1].shape[0] if linears else None)
     channels = ckpt.get("in_channels") or (convs[0].shape[1] if convs else None)
+    if bundle is not None:
+        classes, channels = classes or bundle.num_classes, channels or bundle.in_channels
     model = build_model(name, num_classes=classes, in_channels=channels)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise ConfigError(f"{req.path}: weights do not fit model {name!r} ({what}{' …' if len(missing or unexpected) > 3 else ''})")
+    if bundle is not None and (classes, channels) != (bundle.num_classes, bundle.in_channels):
+        raise ConfigError(f"{req.path}: the model maps {channels}-channel images to {classes} classes; "
+                          f"{req.data} has {bundle.in_channels}-channel images of {bundle.num_classes} classes")
     return model
 
 
@@ -161,8 +166,11 @@ def run_eval(req: EvalRequest, log=print) -> dict:
 
         data = DataConfig(name=req.data, root=req.data_root, pad_to=req.pad_to, limit_test=req.limit_test,
                           eval_batch_size=req.batch_size)
-        bundle = load_data(data)
-    model = _model_for(ckpt, sd, req).to(device) if bundle is not None or req.model or ckpt.get("model") else None
+        try:
+            bundle = load_data(data)
+        except ValueError as e:  # a missing folder or a malformed file, named by the reader
+            raise ConfigError(str(e)) from None
+    model = _model_for(ckpt, sd, req, bundle).to(device) if bundle is not None or req.model or ckpt.get("model") else None
     if bundle is not None:
         from elastictrain.progress import Progress
         from elastictrain.robust import robust_accuracy

@@ -179,6 +179,8 @@ def _finished_stages(run_dir: Path) -> list[tuple[dict, dict]]:
     for d in _stage_order(run_dir):
         try:
             ckpt = checkpoint.load(d / "checkpoint.pt")
+        except checkpoint.UnsafeCheckpoint:
+            raise  # tampered with: named, never skipped quietly
         except ConfigError:
             continue  # unreadable: the stage will run again (as ``stage.is_finished`` treats it)
         rep = d / "report.json"

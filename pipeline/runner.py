@@ -54,6 +54,29 @@ def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: b
             prev, prev_where = plans, f"stages[{i}] ({stage.name})"
 
 
+def check_finished(cfg: PipelineConfig, run_dir: Path, num_classes: int, in_channels: int) -> None:
+    """A finished stage in ``run_dir`` is skipped and feeds the next stage, so it must hold this
+    pipeline's model: a run directory reused with another model or data set is refused here,
+    not when the next stage loads its weights."""
+    want = {"model": cfg.model.name, "num_classes": num_classes, "in_channels": in_channels}
+    shapes = None
+    for path in (Path(run_dir) / s.name / "checkpoint.pt" for s in cfg.stages):
+        if not is_finished(path):
+            continue
+        ckpt = checkpoint.load(path)
+        differ = [f"{k} {ckpt[k]!r} (this pipeline: {v!r})" for k, v in want.items() if k in ckpt and ckpt[k] != v]
+        if not differ:
+            if shapes is None:
+                model = build_model(cfg.model.name, num_classes=num_classes, in_channels=in_channels)
+                shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+            sd = checkpoint.model_state(ckpt, str(path))
+            differ = [f"{n} of shape {list(sd[n].shape) if n in sd else 'none'} (this pipeline: {list(s)})"
+                      for n, s in shapes.items() if n not in sd or tuple(sd[n].shape) != s][:1]
+        if differ:
+            raise ConfigError(f"{path}: finished with {', '.join(differ)}; use another --out, "
+                              "or delete that stage's folder to run it again")
+
+
 def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
                  only: Optional[list[str]] = None, log=print, pipeline_path: Optional[Path] = None,
                  overrides: Sequence[str] = ()) -> list[dict]:
@@ -74,7 +97,15 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     if cluster.threads and cluster.kind == "single":
         torch.set_num_threads(cluster.threads)
     device = _device(cluster)
-    bundle = load_data(cfg.data)
+    try:
+        bundle = load_data(cfg.data)
+    except ValueError as e:  # a missing folder or a malformed file, named by the reader
+        raise ConfigError(str(e)) from None
+    if len(bundle.train) < cfg.data.batch_size:  # (the loader would find it too, once a stage has started)
+        limit = f" (data.limit_train: {cfg.data.limit_train})" if cfg.data.limit_train else ""
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is more than the {len(bundle.train)} training "
+                          f"examples{limit}, so an epoch would have no step")
+    check_finished(cfg, run_dir, bundle.num_classes, bundle.in_channels)
     try:
         validate(cfg, bundle.num_classes, bundle.in_channels, sharded=cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3)
     except ConfigError as e:

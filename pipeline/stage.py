@@ -90,6 +90,8 @@ def is_finished(path: Path) -> bool:
         return False
     try:
         return bool(checkpoint.load(path).get("local_dict", {}).get("finished", False))
+    except checkpoint.UnsafeCheckpoint:
+        raise  # tampered with: refused, never run again over
     except ConfigError:
         return False  # unreadable: run the stage again
 

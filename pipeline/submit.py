@@ -34,6 +34,8 @@ def _finished(run_dir: Path, stage: str) -> bool:
         return False
     try:
         return bool(checkpoint.load(path).get("local_dict", {}).get("finished", False))
+    except checkpoint.UnsafeCheckpoint:
+        raise  # tampered with: refused, never resubmitted over
     except ConfigError:
         return False
 

@@ -117,16 +117,45 @@ def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32", progress: Op
     }
 
 
-def load(path: str | Path) -> dict:
+MAX_BYTES = 1 << 31  # 2 GiB: the zoo's largest model (VGG16 on ImageNet, 553 MB at fp32) fits
+
+
+def _declared_bytes(tensors: list) -> int:
+    """Bytes the records' tensors take once decoded (weights, raw tensors, codebook tables), read
+    off the metadata alone; decoding needs a small multiple of it at most."""
+    total = 0
+    for rec in tensors:
+        size = lyr.DTYPES[rec["dtype"]].itemsize
+        if rec["kind"] == "raw":  # cast on load to the dtype it had ("as")
+            size = max(size, lyr.DTYPES[rec["as"]].itemsize)
+        total += lyr.numel(rec["shape"]) * size
+        table = rec["values"].get("table") if rec["kind"] == "weight" else None
+        if table is not None:
+            total += lyr.numel([table["G"], table["L"]]) * lyr.DTYPES[table["dtype"]].itemsize
+    return total
+
+
+def load(path: str | Path, *, max_bytes: int = MAX_BYTES) -> dict:
     """A checkpoint-shaped dict from an ``.etz`` artifact (module doc); ValueError naming the file
-    and what is wrong for anything that is not a well-formed artifact."""
+    and what is wrong for anything that is not a well-formed artifact — the only error type, for
+    any file. An artifact whose metadata declares more than ``max_bytes`` of tensors is refused
+    before anything is decoded (a lying header costs an error, not the memory it names)."""
     meta, blobs, nbytes = read(path)
+    try:
+        declared = _declared_bytes(meta["tensors"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise ValueError(f"{path}: corrupt artifact metadata ({type(e).__name__}: {str(e)[:200]})") from None
+    if declared > max_bytes:
+        raise ValueError(f"{path}: declares {declared:,} bytes of tensors, more than max_bytes={max_bytes:,} "
+                         "(pass a larger max_bytes to load a model this big)")
     name = "?"
     sd: dict[str, torch.Tensor] = {}
     mb: dict[str, dict] = {k: {} for k in RESTORED}
     try:
         for rec in meta["tensors"]:
             name = rec["name"]
+            if not isinstance(name, str) or name in sd:
+                raise ValueError(f"tensor name {name!r} is not a string or not unique")
             if rec["kind"] == "weight":
                 sd[name], b = lyr.decode(rec, blobs.get)
                 for k, v in b.items():
@@ -137,6 +166,8 @@ def load(path: str | Path) -> dict:
             else:
                 raise ValueError(f"unknown tensor kind {rec['kind']!r}")
         name = "?"
+        if not (isinstance(meta["extra"], dict) and isinstance(meta["local_dict"], dict)):
+            raise ValueError("extra and local_dict must be JSON objects")
         out = {**meta["extra"], "format": meta["checkpoint_format"], "model_state_dict": sd,
                "elastic_trainer_state_dict": {"model_buffers_state_dict": mb},
                "local_dict": dict(meta["local_dict"]), "spec": meta["spec"]}

@@ -12,8 +12,9 @@ offset  size  field
 18+H+P  4     CRC-32 of every byte before it, uint32 LE
 ```
 No pickle: the metadata is JSON, every tensor a blob of bits or raw little-endian values.
-Reading checks the length, magic, version and CRC before parsing anything, and every blob
-reference against the payload; every failure is a one-line ``ValueError`` naming the file.
+Reading checks the length, magic, version and CRC before parsing anything, the metadata's size
+once decompressed (``MAX_META``), and every blob reference against the payload; every failure is
+a one-line ``ValueError`` naming the file.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ FORMAT = f"elastictrain.etz/{VERSION}"
 HEAD = struct.Struct("<4sHIQ")
 CRC = struct.Struct("<I")
 FIXED_BYTES = HEAD.size + CRC.size
+MAX_META = 64 << 20  # decompressed metadata: a real one is ~1 kB per tensor
 
 
 class Payload:
@@ -109,9 +111,17 @@ def read(path: str | Path) -> tuple[dict, Blobs, int]:
     (crc,) = CRC.unpack_from(data, want - CRC.size)
     if zlib.crc32(memoryview(data)[: want - CRC.size]) != crc:
         raise ValueError(f"{path}: corrupted: CRC-32 mismatch")
+    unzip = zlib.decompressobj()
     try:
-        meta = json.loads(zlib.decompress(data[HEAD.size:HEAD.size + h]))
-    except (zlib.error, ValueError) as e:
+        text = unzip.decompress(data[HEAD.size:HEAD.size + h], MAX_META)
+        if unzip.unconsumed_tail:
+            raise ValueError(f"{path}: metadata expands beyond {MAX_META:,} bytes")
+        if not unzip.eof:
+            raise zlib.error("incomplete stream")
+        meta = json.loads(text)
+    except (zlib.error, ValueError, RecursionError) as e:  # (RecursionError: JSON nested too deeply)
+        if str(e).startswith(f"{path}: "):
+            raise
         raise ValueError(f"{path}: corrupted metadata ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata is not {FORMAT}")

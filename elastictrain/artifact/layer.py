@@ -61,6 +61,13 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
+def numel(shape) -> int:
+    """Entries of a stored shape: a list of non-negative ints (ValueError for anything else)."""
+    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
+        raise ValueError(f"bad shape {shape!r}")
+    return math.prod(shape)
+
+
 def tensor_from(blob: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
     if dtype not in DTYPES or not isinstance(shape, list) or any(not isinstance(d, int) or d < 0 for d in shape):
         raise ValueError(f"bad tensor description (dtype {dtype!r}, shape {shape!r})")

@@ -156,7 +156,11 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 def _root(cfg: DataConfig) -> Path:
     root = Path(cfg.root)  # type: ignore[arg-type]  # set by __post_init__
-    if not root.is_dir():
+    try:
+        found = root.is_dir()
+    except (OSError, ValueError):  # a name the OS refuses (too long, …)
+        found = False
+    if not found:
         raise ValueError(f"data.root: {root} is not a directory{_HINTS.get(cfg.name, '')}")
     return root
 
