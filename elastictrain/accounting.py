@@ -123,11 +123,11 @@ def report(weights: dict[str, torch.Tensor], plans: dict[str, LayerPlan]) -> dic
 
 def format_table(rep: dict) -> str:
     """A fixed-width text table of a report, one line per layer and a total line."""
-    head = f"{'layer':<24}{'shape':>18}{'params':>11}{'nonzeros':>10}{'prune×':>9}{'bits':>5}{'books':>6}{'uniq':>6}{'stored bits':>13}  encoding"
+    head = f"{'layer':<24}{'shape':>18}{'params':>11}{'nonzeros':>10}{'prune×':>9}{'bits':>5}{'books':>6}{'uniq':>9}{'stored bits':>13}  encoding"
     rows = [head, "-" * len(head)]
     for l in rep["layers"]:
         rows.append(f"{l['name'][:24]:<24}{'×'.join(map(str, l['shape'])):>18}{l['params']:>11}{l['nonzeros']:>10}"
-                    f"{l['pruning_ratio']:>9.1f}{l['bits']:>5}{l['codebooks']:>6}{l['unique_values']:>6}{l['storage_bits']:>13}  {l['encoding']}")
+                    f"{l['pruning_ratio']:>9.1f}{l['bits']:>5}{l['codebooks']:>6}{l['unique_values']:>9}{l['storage_bits']:>13}  {l['encoding']}")
     rows.append("-" * len(head))
     rows.append(f"{'total':<24}{'':>18}{rep['total_params']:>11}{rep['nonzeros']:>10}{rep['pruning_ratio']:>9.1f}")
     rows.append(f"nominal compression (seed's: 32·params / Σ nonzeros·bits): {rep['nominal_compression']:.1f}×")
