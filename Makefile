@@ -8,7 +8,7 @@ DEMO   := runs/demo
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data test demo demo-single demo-compress bench clean
+.PHONY: setup data lint test demo demo-single demo-compress bench clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-test: setup data
+# ruff first (lint, import order, 120-column lines: pyproject.toml's [tool.ruff]), then the suite
+test: setup data lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 # The main job: the four-stage quickstart pipeline on Fashion-MNIST, on the embedded default
 # cluster (configs/clusters/local.yaml: in-process Ray, 2 workers, each a DeepSpeed engine).
@@ -52,14 +56,18 @@ demo-compress: setup
 		--out $(DEMO)/vgg16-mixture.pt --report $(DEMO)/vgg16-mixture.json
 	$(ET) verify $(DEMO)/vgg16-mixture.pt --spec configs/specs/vgg16-mixture.yaml
 
-bench: setup data  # the CPU benchmarks; each prints its table and writes bench/results/<name>.json
+# The CPU benchmarks behind every figure the README quotes; each prints its table and writes
+# bench/results/<name>.json (with the machine's description inside). --quick runs write NAME-quick.json.
+bench: setup data
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/ds_overhead.py
 	$(BIN)/python bench/comm.py
 	$(BIN)/python bench/artifact.py
-	$(BIN)/python bench/robust.py
-	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (SmallCNN, ~40 min on 2 cores)
+	$(BIN)/python bench/robust.py                 # robust.json (ε = 8/255)
+	$(BIN)/python bench/robust.py --eps 0.1       # robust-eps0.1.json
+	$(BIN)/python bench/demo.py                   # demo.json/.md: make demo and make demo-single, timed
+	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (SmallCNN; the longest, see table-cpu.json)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .hypothesis

@@ -18,8 +18,9 @@ and compared with ``artifact.floor_bits``. Columns: the seed's nominal ratio (32
 bits), accounting's estimated ``storage_compression``, the file's bytes split into weights (masks,
 codes or values, codebooks), BN/biases (fp32) and header, the honest ratio 32·params / (8 · weights
 bytes), the whole-model ratio (fp32 state dict bytes / file bytes; also with BN/biases at fp16),
-the floor and artifact-weights ÷ floor (target ≤ 1.15). ``--quick``: the first spec only.
-Writes bench/results/artifact.json (and prints it as the last line with --quick).
+the floor and artifact-weights ÷ floor (target ≤ 1.15). Writes bench/results/artifact.json;
+``--quick`` (the first spec only) writes artifact-quick.json instead, never the full results, and
+prints it as the last line.
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.machine import describe, write_result  # noqa: E402
+from bench.machine import describe, out_path, write_result  # noqa: E402
 from elastictrain import artifact, checkpoint  # noqa: E402
 from elastictrain.compress import compress_state_dict  # noqa: E402
 from elastictrain.config import to_plain  # noqa: E402
+from elastictrain.constraints.spec import load, parse  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
-from elastictrain.spec import load, parse  # noqa: E402
 
 TARGET = 1.15
 SEED_1000X = "configs/specs/vgg16-16000x-1000x-2bit-64cb.yaml"
@@ -48,7 +49,8 @@ LAYER_1000X = {"name": "vgg16-1000x-per-layer-2bit-64cb", "rules": [
     {"match": "features.0.weight", "prune": {"ratio": 1000}, "quantize": {"bits": 2, "groups": {"filter": 64}}},
     {"match": "features.*.weight", "layer": "conv", "prune": {"ratio": 1000},
      "quantize": {"bits": 2, "groups": {"filter": 16, "channel": 4}}},
-    {"match": "classifier.weight", "prune": {"ratio": 1000}, "quantize": {"bits": 2, "groups": {"filter": 2, "channel": 32}}}]}
+    {"match": "classifier.weight", "prune": {"ratio": 1000},
+     "quantize": {"bits": 2, "groups": {"filter": 2, "channel": 32}}}]}
 SPECS = [SEED_1000X, "configs/specs/vgg16-100x-kernel.yaml", LAYER_1000X, "configs/specs/vgg16-mixture.yaml"]
 
 
@@ -94,8 +96,10 @@ def run_spec(sd: dict, spec_src, tmp: Path) -> dict:
         "file_bytes_bn_fp16": rep16["bytes"],
         "floor_bits": fl["weights_bits"], "floor_bytes": fl["weights_bits"] / 8,
         "artifact_over_floor": 8 * rep["weights_bytes"] / fl["weights_bits"] if fl["weights_bits"] else None,
-        "mask_bits_per_kept": {"artifact": 8 * mask_b / kept if kept else 0, "floor": fl["mask_bits"] / kept if kept else 0},
-        "value_bits_per_kept": {"artifact": 8 * vals_b / kept if kept else 0, "floor": fl["value_bits"] / kept if kept else 0},
+        "mask_bits_per_kept": {"artifact": 8 * mask_b / kept if kept else 0,
+                               "floor": fl["mask_bits"] / kept if kept else 0},
+        "value_bits_per_kept": {"artifact": 8 * vals_b / kept if kept else 0,
+                                "floor": fl["value_bits"] / kept if kept else 0},
         "codebook_bytes": {"artifact": book_b, "floor": fl["codebook_bits"] / 8},
         "other_floor_bytes": fl["other_bits"] / 8,
         "seconds": {"compress": t_compress, "export": t_export, "load": t_load},
@@ -105,17 +109,20 @@ def run_spec(sd: dict, spec_src, tmp: Path) -> dict:
 
 def print_tables(rows: list[dict], m: dict) -> None:
     print(f"### Packed artifact (.etz) — CIFAR VGG16 ({rows[0]['params']:,} conv/linear weights, "
-          f"{rows[0]['other_params']:,} BN/bias values), torch.manual_seed(0) init; {m['cpu_model']}, {m['logical_cores']} cores\n")
+          f"{rows[0]['other_params']:,} BN/bias values), torch.manual_seed(0) init; {m['cpu_model']}, "
+          f"{m['logical_cores']} cores\n")
     print("| spec | kept | nominal | est. storage | artifact bytes (weights + BN/bias + header) | honest (weights) "
           "| whole model (BN fp32 / fp16) | floor bytes | artifact ÷ floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['spec']} | {r['kept']:,} | {r['nominal_compression']:,.0f}× | {r['estimated_storage_compression']:,.0f}× "
+        print(f"| {r['spec']} | {r['kept']:,} | {r['nominal_compression']:,.0f}× "
+              f"| {r['estimated_storage_compression']:,.0f}× "
               f"| {r['file_bytes']:,} ({r['weights_bytes']:,} + {r['other_bytes']:,} + {r['header_bytes']:,}) "
-              f"| {r['honest_compression']:,.0f}× | {r['model_compression']:,.0f}× / {r['model_compression_bn_fp16']:,.0f}× "
+              f"| {r['honest_compression']:,.0f}× | {r['model_compression']:,.0f}× "
+              f"/ {r['model_compression_bn_fp16']:,.0f}× "
               f"| {r['floor_bytes']:,.0f} | {r['artifact_over_floor']:.3f}× |")
-    print("\n| spec | mask bits / kept (artifact, floor) | value bits / kept (artifact, floor) | codebook bytes (artifact, floor) "
-          "| export / load s |")
+    print("\n| spec | mask bits / kept (artifact, floor) | value bits / kept (artifact, floor) "
+          "| codebook bytes (artifact, floor) | export / load s |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         mb, vb, cb, s = r["mask_bits_per_kept"], r["value_bits_per_kept"], r["codebook_bytes"], r["seconds"]
@@ -130,8 +137,10 @@ def print_tables(rows: list[dict], m: dict) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the seed's 1000× + 2-bit spec only")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/artifact.json"))
+    ap.add_argument("--quick", action="store_true",
+                    help="the seed's 1000× + 2-bit spec only; prints its JSON as the last line")
+    ap.add_argument("--out", default=None,
+                    help="default bench/results/artifact.json (artifact-quick.json with --quick)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     sd = build_model("vgg16").state_dict()
@@ -140,8 +149,9 @@ def main(argv=None) -> dict:
     m = describe()
     print_tables(rows, m)
     result = {"machine": m, "model": "vgg16", "init": "torch.manual_seed(0), untrained", "target_over_floor": TARGET,
-              "rows": rows, "met": all(r["artifact_over_floor"] is None or r["artifact_over_floor"] <= TARGET for r in rows)}
-    write_result(result, args.out)
+              "rows": rows,
+              "met": all(r["artifact_over_floor"] is None or r["artifact_over_floor"] <= TARGET for r in rows)}
+    write_result(result, out_path(args, "artifact"))
     if args.quick:
         print(json.dumps({k: v for k, v in result.items() if k != "machine"} | {"rows": [
             {k: v for k, v in r.items() if k not in ("layers", "floor_layers")} for r in rows]}))

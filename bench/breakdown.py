@@ -1,7 +1,7 @@
 """Where the projection's time goes, measured on the library's own code path.
 
-``elastictrain.projection.project`` labels its stages with ``torch.profiler.record_function``
-(``elastictrain.pattern``, ``elastictrain.prune``, ``elastictrain.quantize``); this runs the real
+``elastictrain.constraints.projection.project`` labels its stages with ``torch.profiler.record_function``
+(``elastictrain.constraints.pattern``, ``elastictrain.prune``, ``elastictrain.quantize``); this runs the real
 ``project()`` under the CPU profiler and sums each label's wall time. The profiler adds a little
 overhead, so the stages are reported as shares of the profiled run's wall time.
 """
@@ -12,7 +12,7 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from elastictrain.projection import project
+from elastictrain.constraints.projection import project
 
 STAGES = [
     ("elastictrain.pattern", "pattern library fit (top-entries votes) + best-pattern assignment"),

@@ -6,12 +6,12 @@ Run from the repository root:
 
 For VGG16's conv and linear weights (14.7 M, as gradients) at 50× and 1000× unstructured
 sparsity — masks from one global top-k, identical on both ranks:
-  * dense all_reduce of every gradient vs ``elastictrain.dist.SparseReducer`` (kept entries
+  * dense all_reduce of every gradient vs ``elastictrain.distributed.SparseReducer`` (kept entries
     only; target ≤ 1.2 × non-zeros × 4 bytes), bytes and median wall time;
   * a mask check (``check_identical``: all-gathered fingerprints), a packed mask broadcast
     (``broadcast_masks``: 1 bit a weight) and a codebook broadcast (64 codebooks × 2 bits per
     layer), bytes and time;
-  * ZeRO-3: a whole mask update on each rank's slices of the weights (``dist.shards.project_shards``
+  * ZeRO-3: a whole mask update on each rank's slices of the weights (``distributed.shards.project_shards``
     with the seed's specs: 50× unstructured, and 1000× + 2-bit × 64 codebooks), bytes each rank
     sends and time, against gathering the weights (what a projection on whole weights would need).
 Biases and BatchNorm parameters (21 k, always dense) are reported apart. Two processes on two
@@ -52,10 +52,10 @@ ZERO3_SPECS = {50: "configs/specs/vgg16-50x-unstructured.yaml", 1000: "configs/s
 
 def zero3_update(rank: int, weights: dict, ratio: int, repeats: int) -> tuple[int, float]:
     """One mask (+ codebook) update on ZeRO-3 slices (rank r holds [r·P, (r+1)·P) of every weight)."""
-    from elastictrain.dist import Traffic
-    from elastictrain.dist.shards import Shard, project_shards
-    from elastictrain.plan import resolve
-    from elastictrain.spec import load
+    from elastictrain.constraints.plan import resolve
+    from elastictrain.constraints.spec import load
+    from elastictrain.distributed import Traffic
+    from elastictrain.distributed.shards import Shard, project_shards
 
     plans = resolve(load(ROOT / ZERO3_SPECS[ratio]), {n: tuple(w.shape) for n, w in weights.items()})
     shards = {}
@@ -69,9 +69,9 @@ def zero3_update(rank: int, weights: dict, ratio: int, repeats: int) -> tuple[in
 
 
 def worker(rank: int, port: int, repeats: int, out: str) -> None:
-    from elastictrain.dist import SparseReducer, broadcast_masks, broadcast_tensors, check_identical
+    from elastictrain.constraints.topk import keep_count, topk_mask
+    from elastictrain.distributed import SparseReducer, broadcast_masks, broadcast_tensors, check_identical
     from elastictrain.models import build_model
-    from elastictrain.select import keep_count, topk_mask
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -84,7 +84,8 @@ def worker(rank: int, port: int, repeats: int, out: str) -> None:
     for ratio in (50, 1000):
         flat = torch.cat([w.abs().reshape(-1) for w in weights.values()])
         keep = topk_mask(flat[None], keep_count(flat.numel(), ratio=ratio))[0]
-        masks = {n: m.reshape(w.shape) for (n, w), m in zip(weights.items(), keep.split([w.numel() for w in weights.values()]))}
+        parts = keep.split([w.numel() for w in weights.values()])
+        masks = {n: m.reshape(w.shape) for (n, w), m in zip(weights.items(), parts)}
         nnz = int(keep.sum())
         grads = {n: torch.randn_like(w) for n, w in weights.items()}
         g_all = {**grads, **{n: torch.randn_like(p) for n, p in others.items()}}
@@ -135,18 +136,22 @@ def main(argv=None) -> dict:
     m = describe()
     print(f"### Communication per step and per sync — VGG16 weights, 2 ranks, gloo on loopback; {m['cpu_model']}, "
           f"{m['logical_cores']} cores\n")
-    print("| sparsity | non-zeros | dense all-reduce | sparse-aware all-reduce | sparse / (nnz × 4 B) | mask check | packed mask broadcast | codebook broadcast |")
+    print("| sparsity | non-zeros | dense all-reduce | sparse-aware all-reduce | sparse / (nnz × 4 B) | mask check "
+          "| packed mask broadcast | codebook broadcast |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['ratio']}× | {r['nonzeros']:,} | {r['dense_allreduce_bytes'] / 1e6:.1f} MB, {1e3 * r['dense_allreduce_s']:.1f} ms "
-              f"| {r['sparse_allreduce_bytes'] / 1e3:.1f} kB, {1e3 * r['sparse_allreduce_s']:.1f} ms | {r['sparse_over_nonzeros_x4']:.2f}× "
+        print(f"| {r['ratio']}× | {r['nonzeros']:,} "
+              f"| {r['dense_allreduce_bytes'] / 1e6:.1f} MB, {1e3 * r['dense_allreduce_s']:.1f} ms "
+              f"| {r['sparse_allreduce_bytes'] / 1e3:.1f} kB, {1e3 * r['sparse_allreduce_s']:.1f} ms "
+              f"| {r['sparse_over_nonzeros_x4']:.2f}× "
               f"| {r['mask_check_bytes_per_rank']} B, {1e3 * r['mask_check_s']:.1f} ms "
               f"| {r['mask_broadcast_bytes'] / 1e6:.2f} MB, {1e3 * r['mask_broadcast_s']:.1f} ms "
               f"| {r['codebook_broadcast_bytes'] / 1e3:.1f} kB, {1e3 * r['codebook_broadcast_s']:.1f} ms |")
     print("\n| ZeRO-3 mask update on slices | sent per rank | time | gathering the weights instead |")
     print("|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {Path(r['zero3_spec']).stem} | {r['zero3_update_bytes_per_rank'] / 1e6:.2f} MB | {r['zero3_update_s']:.2f} s "
+        print(f"| {Path(r['zero3_spec']).stem} | {r['zero3_update_bytes_per_rank'] / 1e6:.2f} MB "
+              f"| {r['zero3_update_s']:.2f} s "
               f"| {r['gather_weights_bytes_per_rank'] / 1e6:.1f} MB |")
     for r in rows:
         wb = r["with_bias_bn"]

@@ -119,7 +119,8 @@ def add_quick(ap, name: str, help: str) -> None:
 def out_path(args, name: str):
     from pathlib import Path
 
-    return args.out or str(Path(__file__).resolve().parent / "results" / (f"{name}-quick.json" if args.quick else f"{name}.json"))
+    file = f"{name}-quick.json" if args.quick else f"{name}.json"
+    return args.out or str(Path(__file__).resolve().parent / "results" / file)
 
 
 def finish(result: dict, args, name: str) -> dict:

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/overhead.py [--model smallcnn] [--steps 20] [--rounds 7] [--quick]
+    .venv/bin/python bench/overhead.py [--model smallcnn] [--steps 20] [--rounds 9] [--quick]
 
 Variants (each its own model copy and SGD optimizer, same batch, same seed):
   * dense — forward, backward, SGD step;
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.machine import describe, write_result  # noqa: E402
+from elastictrain.constraints.plan import resolve  # noqa: E402
+from elastictrain.constraints.spec import load, parse  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
-from elastictrain.plan import resolve  # noqa: E402
-from elastictrain.spec import load, parse  # noqa: E402
 from elastictrain.train import Constrainer, EnforceConfig, OptimConfig, build_optimizer  # noqa: E402
 
 SPECS = {"smallcnn": ("configs/specs/smallcnn-mixture.yaml", "configs/specs/smallcnn-prune.yaml")}
@@ -89,8 +89,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="smallcnn", choices=sorted(SPECS))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="steps per variant per round")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--out", default=None, help="default bench/results/overhead.json (overhead-quick.json with --quick)")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--out", default=None,
+                    help="default bench/results/overhead.json (overhead-quick.json with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 rounds × 5 steps (about a minute); prints the JSON last")
     args = ap.parse_args(argv)
     if args.quick:
@@ -102,8 +103,10 @@ def main(argv=None) -> dict:
     variants = [
         variant("dense", args.model, None, None, total),
         *[variant(kind, args.model, spec, fixed, total) for kind, spec in KINDS.items()],
-        variant("qat-mixture", args.model, mixture, EnforceConfig(method="fixed", codebook="refit", refit_every=50), total),
-        variant("progressive-prune", args.model, prune, EnforceConfig(method="progressive", update_every=50, end=1.0), total),
+        variant("qat-mixture", args.model, mixture, EnforceConfig(method="fixed", codebook="refit", refit_every=50),
+                total),
+        variant("progressive-prune", args.model, prune,
+                EnforceConfig(method="progressive", update_every=50, end=1.0), total),
     ]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28, generator=g)

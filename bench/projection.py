@@ -14,14 +14,14 @@ k-means) and times:
   * ``bench/loop_reference.py`` — the same semantics with Python loops over kernels, workloads and
     codebook groups, timed once (over all layers, or over the first N and extrapolated by
     parameter count with ``--loop-layers N``).
-Both results are checked with ``elastictrain.verify.verify`` and compared element by element. A
+Both results are checked with ``elastictrain.constraints.verify.verify`` and compared element by element. A
 per-stage breakdown (``bench/breakdown.py``: the real ``project()`` under torch's profiler, summed
-by the library's own stage labels) shows where the time goes. Tables go to stdout, everything to bench/results/projection.json.
+by the library's own stage labels) shows where the time goes. Tables go to stdout, everything to
+bench/results/projection.json (projection-quick.json with ``--quick``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,11 +35,11 @@ import torch  # noqa: E402
 from bench.breakdown import breakdown, print_table  # noqa: E402
 from bench.loop_reference import loop_project  # noqa: E402
 from bench.machine import add_quick, cpu_busy, describe, finish  # noqa: E402
+from elastictrain.constraints.plan import resolve  # noqa: E402
+from elastictrain.constraints.projection import project  # noqa: E402
+from elastictrain.constraints.spec import load  # noqa: E402
+from elastictrain.constraints.verify import verify  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
-from elastictrain.plan import resolve  # noqa: E402
-from elastictrain.projection import project  # noqa: E402
-from elastictrain.spec import load  # noqa: E402
-from elastictrain.verify import verify  # noqa: E402
 
 SPEC = "configs/specs/vgg16-mixture.yaml"
 TARGET_S, TARGET_SPEEDUP = 0.5, 100.0
@@ -130,7 +130,8 @@ def main(argv=None) -> dict:
         "fixed_equals_full": all(torch.equal(fixed_out[n], vec_out[n]) for n in plans),
     }
     agree = compare(vec_out, vec_states, loop)
-    bd = {"full": breakdown(weights, plans, args.repeats), "fixed_libraries": breakdown(weights, plans, args.repeats, libs)}
+    bd = {"full": breakdown(weights, plans, args.repeats),
+          "fixed_libraries": breakdown(weights, plans, args.repeats, libs)}
 
     speed_full, speed_fixed = loop_full_s / full["median_s"], loop_full_s / fixed["median_s"]
     met_time, met_speed = full["median_s"] <= TARGET_S, speed_full >= TARGET_SPEEDUP

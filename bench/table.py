@@ -115,14 +115,16 @@ CPU = Tier(
                          "enforce": {"method": "fixed", "codebook": "refit", "refit_every": 50}}},
     rows=[Row("dense", "dense", attack=True),
           Row("10x-unstructured", "10× unstructured", "smallcnn-table-10x-unstructured.yaml"),
-          Row("50x-unstructured", "50× unstructured", "smallcnn-table-50x-unstructured.yaml", attack=True, seed="50x-u"),
+          Row("50x-unstructured", "50× unstructured", "smallcnn-table-50x-unstructured.yaml", attack=True,
+              seed="50x-u"),
           Row("10x-kernel", "10× kernel", "smallcnn-table-10x-kernel.yaml", seed="100x-k"),
           Row("50x-balanced", "50× balanced 16×4", "smallcnn-table-50x-balanced.yaml"),
           Row("pattern-kernel", "pattern 4-of-9 + kernel", "smallcnn-table-pattern-kernel.yaml"),
           Row("50x-4bit", "50× + 4-bit", "smallcnn-table-50x-unstructured.yaml", "smallcnn-table-50x-4bit.yaml",
               prune_from="50x-unstructured", epochs={"finetune": 1}, seed="8000x"),
           Row("50x-2bit-64cb", "50× + 2-bit × 64 cb", "smallcnn-table-50x-unstructured.yaml",
-              "smallcnn-table-50x-2bit-64cb.yaml", prune_from="50x-unstructured", epochs={"finetune": 1}, seed="16000x"),
+              "smallcnn-table-50x-2bit-64cb.yaml", prune_from="50x-unstructured", epochs={"finetune": 1},
+              seed="16000x"),
           Row("robust-50x", "50× unstructured, PGD-trained", "smallcnn-table-50x-unstructured.yaml", adversarial=True,
               attack=True, epochs={"progressive_prune": 3, "finetune": 1})],
     adversarial={"beta": 0.5, "attack": {"kind": "pgd", "eps": 0.1, "alpha": 0.025, "steps": 3}, "eval_images": 1000},
@@ -184,7 +186,8 @@ def pipeline_for(tier: Tier, row: Row, s: Settings) -> dict:
         # short runs (--quick, --train-images) update masks and codebooks more often, so the cubic
         # schedule still takes >= 25 steps over the pruning window
         if enforce and "update_every" in enforce:
-            enforce["update_every"] = max(2, min(enforce["update_every"], int(steps * st["epochs"] * enforce["end"]) // 25))
+            steps_to_end = int(steps * st["epochs"] * enforce["end"])
+            enforce["update_every"] = max(2, min(enforce["update_every"], steps_to_end // 25))
         if enforce and "refit_every" in enforce:
             enforce["refit_every"] = max(2, min(enforce["refit_every"], steps * st["epochs"] // 5))
         if name == "progressive_prune":
@@ -223,7 +226,7 @@ def _finished(path: Path) -> bool:
 def run_row(tier: Tier, row: Row, s: Settings, out: Path, log, only: Optional[list] = None) -> None:
     """Train what the row still lacks (only ``only``'s stages when given)."""
     from elastictrain.config import ConfigError
-    from pipeline.config import load_cluster, load_pipeline
+    from pipeline.config import load_cluster, read_pipeline
     from pipeline.runner import run_pipeline
 
     run_dir = out / row.name
@@ -244,18 +247,20 @@ def run_row(tier: Tier, row: Row, s: Settings, out: Path, log, only: Optional[li
     if all(_finished(run_dir / st) for st in wanted):
         return
     log(f"== row {row.name}: {', '.join(wanted)}")
-    run_pipeline(load_pipeline(recorded), load_cluster(ROOT / "configs/clusters/single.yaml"), run_dir, only=only,
-                 log=log, pipeline_path=recorded)
+    source = read_pipeline(recorded)
+    run_pipeline(source.cfg, load_cluster(ROOT / "configs/clusters/single.yaml"), run_dir, only=only,
+                 log=log, source=source)
 
 
 def measure_attack(tier: Tier, row: Row, s: Settings, out: Path, log) -> Optional[dict]:
     """PGD accuracy of the row's final model, kept beside its report (recomputed if the attack changed)."""
     from elastictrain import checkpoint
-    from elastictrain.data import DataConfig, load as load_data
+    from elastictrain.data import DataConfig
+    from elastictrain.data import load as load_data
     from elastictrain.data.loader import make_test_loader
+    from elastictrain.files import write_json
     from elastictrain.models import build_model
-    from elastictrain.robust import AttackConfig, robust_accuracy
-    from pipeline.artifacts import write_json
+    from elastictrain.train.attacks import AttackConfig, robust_accuracy
 
     stage_dir = out / row.name / stages_of(row)[-1]
     images = s.attack_images or tier.attack_images
@@ -287,9 +292,9 @@ def measure_attack(tier: Tier, row: Row, s: Settings, out: Path, log) -> Optiona
 
 def _structure(tier: Tier, row: Row) -> str:
     """The final stage's pruning structure in words, from its spec resolved on the model's shapes."""
+    from elastictrain.constraints.plan import resolve
+    from elastictrain.constraints.spec import load as load_spec
     from elastictrain.models import build_model
-    from elastictrain.plan import resolve
-    from elastictrain.spec import load as load_spec
     from pipeline.report import describe_stage
 
     spec = row.quant or row.prune
@@ -318,7 +323,8 @@ def figures(tier: Tier, row: Row, out: Path, dense_top1: float, attack: Optional
         "nominal_compression": final["nominal_compression"], "honest_compression": final.get("honest_compression"),
         "artifact_bytes": final.get("artifact_bytes"), "top1": final["top1"],
         "drop_pp": 100 * (final["top1"] - dense_top1) if row.prune is not None else None,
-        "robust_report": final.get("robust") or {}, "pgd": attack and {k: attack[k] for k in ("name", "accuracy", "images")},
+        "robust_report": final.get("robust") or {},
+        "pgd": attack and {k: attack[k] for k in ("name", "accuracy", "images")},
         "seconds": sum(reports[st]["seconds"] for st in own), "shared_stages": shared,
         "stages": [{"stage": st, "epochs": r["epochs"], "top1": r["top1"], "seconds": r["seconds"],
                     "pruning_ratio": r["pruning_ratio"], "shared": (run_dir / st).is_symlink()}
@@ -366,9 +372,11 @@ def markdown(tier: Tier, rows: list[dict], s: Settings, machine: dict, quick: bo
         f"{tier.model} on Fashion-MNIST ({train:,} training images"
         + (f", {s.test_images:,} test images" if s.test_images else ", the whole test set")
         + (f", every stage {s.epochs} epoch(s)" if s.epochs else ", epochs per the recipe in bench/table.py")
-        + f"){' — QUICK run, not the benchmark' if quick else ''}; {machine['cpu_model']}, {machine['logical_cores']} cores"
+        + f"){' — QUICK run, not the benchmark' if quick else ''}; {machine['cpu_model']}, "
+        + f"{machine['logical_cores']} cores"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else "") + ".",
-        "Pruning: parameters / non-zeros of the conv and linear weights. Nominal: the seed's 32·params / Σ non-zeros·bits. "
+        "Pruning: parameters / non-zeros of the conv and linear weights. "
+        "Nominal: the seed's 32·params / Σ non-zeros·bits. "
         "Honest: 32·params / (8 · bytes of the packed weights in model.etz). Drop: top-1 minus the dense baseline's.",
         f"Seed's drop: {SEED_SOURCE}; a reference from another data set and model, where a seed row corresponds.",
         "Codebooks / layer: the most common count, with the layers that allow fewer in brackets.",
@@ -417,7 +425,7 @@ def dry_run(tier: Tier, rows: list, s: Settings) -> list[dict]:
                 if st.kind == "dense_pretrain" and row.prune is not None:
                     print("  dense_pretrain: the dense row's")
                     continue
-                plans = plans_for(cfg, st, shapes, f"stages[{i}]")
+                plans = plans_for(st, shapes, f"stages[{i}]")
                 enf, quantized = st.enforce, any(p.quantize for p in plans.values())
                 raw_spec = raw["stages"][i].get("spec")
                 progressive = enf is not None and enf.method == "progressive"

@@ -19,14 +19,19 @@ two renames) still loads: the unpickler is the last line of defence, never the o
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .config import ConfigError
-from .files import atomic_write
-from .projection import LayerState
+from elastictrain.config import ConfigError
+from elastictrain.constraints.grid import as4d
+from elastictrain.constraints.plan import LayerPlan, layer_kind, resolve
+from elastictrain.constraints.projection import LayerState
+from elastictrain.constraints.spec import Quantize
+from elastictrain.constraints.spec import parse as parse_spec
+from elastictrain.files import atomic_write
 
 FORMAT = "elastictrain.checkpoint/1"
 BUFFER_KEYS = ("weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_structured_weight_mask",
@@ -103,9 +108,11 @@ def load(path: str | Path) -> dict:
     except Exception as e:  # unpickling refused or a corrupt file: one line, naming the file
         unsafe = _unsafe_globals(path)
         if unsafe:
-            raise UnsafeCheckpoint(f"{path}: not a readable checkpoint: unpickling it would call {', '.join(unsafe[:3])} "
+            raise UnsafeCheckpoint(f"{path}: not a readable checkpoint: unpickling it would call "
+                                   f"{', '.join(unsafe[:3])} "
                                    "(refused, nothing ran; a checkpoint holds only tensors and plain values)") from None
-        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{path}: not a readable checkpoint "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
     return obj
@@ -121,6 +128,32 @@ def model_state(ckpt: dict, source: str = "checkpoint") -> dict[str, torch.Tenso
 def buffers(ckpt: dict) -> dict[str, dict[str, torch.Tensor]]:
     b = ckpt.get("elastic_trainer_state_dict", {}).get("model_buffers_state_dict", {})
     return {k: dict(b.get(k, {})) for k in BUFFER_KEYS}
+
+
+def plans(ckpt: dict, source: str = "checkpoint", *, from_tables: bool = True) -> dict[str, LayerPlan]:
+    """The plans a checkpoint's weights were made under — the one way to rebuild them: the
+    recorded spec resolved against the weights' shapes (a spec that does not resolve is a
+    ``ConfigError`` naming ``source``). Without a spec (the research release's checkpoints) and
+    with ``from_tables``: one codebook per row of each quantization table, bits = log2(levels),
+    so accounting still counts code bits; else {}."""
+    sd = model_state(ckpt, source)
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_floating_point(v)}
+    if isinstance(ckpt.get("spec"), dict):
+        try:
+            return resolve(parse_spec(ckpt["spec"]), shapes, f"{source}: spec")
+        except (ValueError, TypeError, KeyError) as e:  # (ConfigError is a ValueError)
+            raise ConfigError(str(e) if isinstance(e, ConfigError) else f"{source}: spec: {e}") from None
+    if not from_tables:
+        return {}
+    out = {}
+    for name, table in buffers(ckpt)["quantization_table"].items():
+        if name not in shapes or layer_kind(shapes[name]) is None or table.dim() != 2:
+            continue
+        bits = max(1, math.ceil(math.log2(max(table.shape[1], 2))))
+        shape4 = tuple(as4d(torch.empty(shapes[name], device="meta")).shape)
+        out[name] = LayerPlan(name, -1, layer_kind(shapes[name]), shapes[name], shape4,
+                              quantize=Quantize(bits=bits), quant_parts=(table.shape[0], 1, 1, 1))
+    return out
 
 
 def compressed_checkpoint(weights: dict[str, torch.Tensor], states: dict[str, LayerState], spec: dict,

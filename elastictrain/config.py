@@ -57,7 +57,8 @@ def _tname(tp: Any) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
 def _show(value: Any) -> str:
@@ -98,7 +99,8 @@ def build(tp: Any, value: Any, path: str = "") -> Any:
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             return value
-        raise ConfigError(f"{path or 'value'}: must be one of {', '.join(map(repr, typing.get_args(tp)))} (got {_show(value)})")
+        raise ConfigError(f"{path or 'value'}: must be one of {', '.join(map(repr, typing.get_args(tp)))} "
+                          f"(got {_show(value)})")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path or 'value'}: expected {_tname(tp)}, got {_show(value)}")
@@ -182,7 +184,8 @@ def load_yaml(path: str | Path) -> Any:
         why = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{p}:{where} not valid YAML ({why})") from None
     except Exception as e:  # a constructor's own failure (a 5000-digit int, a bad !!timestamp) or deep nesting
-        raise ConfigError(f"{p}: not valid YAML ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+        raise ConfigError(f"{p}: not valid YAML "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
     if data is None:
         raise ConfigError(f"{p}: empty file (expected a mapping)")
     return data

@@ -1,6 +1,7 @@
 """Writing files so that a reader never sees half of one, and JSON that ``json.dumps`` accepts."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -40,3 +41,9 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def write_json(obj, path: str | Path) -> None:
+    """Write JSON atomically (temporary file, fsync, rename): a reader never sees half a report."""
+    text = json.dumps(json_safe(obj), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,7 +1,8 @@
 """A DeepSpeed engine per worker: the JSON config generated from the cluster config, a stepper for
-the training loop, and the hook that keeps DeepSpeed's master weights on the constraint masks.
+the training loop, and the re-masking that keeps DeepSpeed's master weights on the constraint masks
+(``DeepSpeedBackend`` in ``jobs.backend`` calls it after every mask update).
 
-Why the hook: under ZeRO 1–3 the optimizer updates its own fp32 master copy and writes it back
+Why re-mask: under ZeRO 1–3 the optimizer updates its own fp32 master copy and writes it back
 into the model's parameters after every step. Zeroing a parameter is therefore not enough when a
 mask changes — the master copy (and the optimizer's moments) of newly pruned weights are zeroed
 in each rank's own fragment of the partition. Between
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from pipeline.config import DeepSpeedConfig, StageConfig
+from jobs.cluster import DeepSpeedConfig
 
 
 def precision(ds: DeepSpeedConfig, device: torch.device) -> str:
@@ -37,9 +38,9 @@ def autocast_dtype(ds: DeepSpeedConfig, device: torch.device):
     return torch.bfloat16 if precision(ds, device) == "bf16" else None
 
 
-def ds_config(ds: DeepSpeedConfig, stage: StageConfig, batch_per_rank: int, world_size: int,
-              device: torch.device) -> dict:
-    """The DeepSpeed JSON for one stage — never kept by hand."""
+def ds_config(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, clip: Optional[float] = None) -> dict:
+    """The DeepSpeed JSON for one stage (``clip``: the stage optimizer's gradient clipping) —
+    never kept by hand."""
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage == 3:
         # every parameter partitioned: a "persistent" (unpartitioned) small parameter would keep a
@@ -56,7 +57,7 @@ def ds_config(ds: DeepSpeedConfig, stage: StageConfig, batch_per_rank: int, worl
         # minutes on CPU); ZeRO partitions their state like any other
         "zero_allow_untested_optimizer": True,
     }
-    clip = ds.gradient_clipping or stage.optimizer.clip_grad_norm
+    clip = ds.gradient_clipping or clip
     if clip:
         cfg["gradient_clipping"] = clip
     return cfg  # no "bf16" / "fp16" section: see ``precision``
@@ -76,11 +77,9 @@ class DeepSpeedStepper:
 
     def save(self, directory, rank: int = 0) -> None:
         """DeepSpeed's own checkpoint (a collective: every rank writes its ZeRO partition)."""
-        safe_checkpoint_engine(self.engine)
         self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
 
     def load(self, directory) -> None:
-        safe_checkpoint_engine(self.engine)
         path, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
@@ -91,34 +90,31 @@ class DeepSpeedStepper:
         return float(self.engine.get_lr()[0])
 
 
-def remask_master(zero_stage: int):
-    """A constrainer listener: on mask changes, zero DeepSpeed's master weights and optimizer
-    moments of pruned entries (ZeRO 1–2; under ZeRO 0 the constrainer's own masking suffices).
+@torch.no_grad()
+def remask_master(constrainer, zero_stage: int) -> None:
+    """After a mask update: zero DeepSpeed's master weights and optimizer moments of pruned entries
+    (ZeRO 1–2; under ZeRO 0 the constrainer's own masking suffices).
 
     Each rank masks its own fragment of the fp32 partition in place (``_hp_mapping`` says which
     slice of the flattened parameter it holds) — no collective. DeepSpeed's ``safe_get_full_*``
     would all-reduce per parameter, but skips that on ranks holding no fragment of it, so with
     small parameters the ranks' collectives fall out of step.
     """
-
-    def listener(constrainer, event: str) -> None:
-        if event != "masks" or zero_stage == 0:
-            return
-        if zero_stage == 3:
-            return _remask_zero3(constrainer)
-        for n, p in constrainer.params.items():
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is None:
-                continue  # this rank holds no part of p's master copy
-            addr = mapping.lp_fragment_address
-            keep = constrainer.masks[n].reshape(-1).narrow(0, addr.start, addr.numel)
-            frag = mapping.get_hp_fragment()
-            frag.mul_(keep.to(frag.dtype))
-            for state in (mapping.optim_fragment or {}).values():
-                if isinstance(state, torch.Tensor) and state.numel() == addr.numel:
-                    state.mul_(keep.to(state.dtype))
-
-    return listener
+    if zero_stage == 0:
+        return
+    if zero_stage == 3:
+        return _remask_zero3(constrainer)
+    for n, p in constrainer.params.items():
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            continue  # this rank holds no part of p's master copy
+        addr = mapping.lp_fragment_address
+        keep = constrainer.masks[n].reshape(-1).narrow(0, addr.start, addr.numel)
+        frag = mapping.get_hp_fragment()
+        frag.mul_(keep.to(frag.dtype))
+        for state in (mapping.optim_fragment or {}).values():
+            if isinstance(state, torch.Tensor) and state.numel() == addr.numel:
+                state.mul_(keep.to(state.dtype))
 
 
 def _remask_zero3(constrainer) -> None:
@@ -140,7 +136,7 @@ def zero3_layout(engine, constrainer):
     weight, P = ``ds_tensor.ds_numel`` (the last slice padded; the padding is left out)."""
     import torch.distributed as dist
 
-    from elastictrain.dist.shards import Shard
+    from elastictrain.distributed.shards import Shard
     from elastictrain.train.layout import Sharded
 
     params = constrainer.params
@@ -189,34 +185,31 @@ def safe_checkpoint_engine(engine) -> None:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
-    if type(engine.checkpoint_engine).__name__ != "WeightsOnly":
-        engine.checkpoint_engine = WeightsOnly(engine._config)
+    engine.checkpoint_engine = WeightsOnly(engine._config)
 
 
-def engine_factory(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, device: torch.device,
-                   sparse_reduce: Optional[bool] = None):
-    """A ``Context.make_engine`` that wraps the model, optimizer and LR schedule in DeepSpeed."""
+def initialize(ds: DeepSpeedConfig, model, opt, sched, constrainer, batch_per_rank: int, world_size: int,
+               clip: Optional[float] = None):
+    """Wrap the model, optimizer and LR schedule in a DeepSpeed engine; under ZeRO-3 the
+    constrainer is switched to the slices, and with ``sparse_reduce`` gradients are reduced by
+    mask. Returns (engine, stepper)."""
+    import deepspeed
 
-    def make(model, opt, sched, stage: StageConfig, constrainer):
-        import deepspeed
-
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                              config=ds_config(ds, stage, batch_per_rank, world_size, device))
-        reducer = None
-        if constrainer is not None:
-            if ds.zero_stage == 3:
-                constrainer.use_layout(zero3_layout(engine, constrainer))
-            constrainer.listeners.append(remask_master(ds.zero_stage))
-            if ds.sparse_reduce:
-                reducer = sparse_reducer(engine, constrainer)
-        return engine, DeepSpeedStepper(engine, reducer)
-
-    return make
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                          config=ds_config(ds, batch_per_rank, world_size, clip))
+    safe_checkpoint_engine(engine)  # once, before anything can be saved or loaded
+    reducer = None
+    if constrainer is not None:
+        if ds.zero_stage == 3:
+            constrainer.use_layout(zero3_layout(engine, constrainer))
+        if ds.sparse_reduce:
+            reducer = sparse_reducer(engine, constrainer)
+    return engine, DeepSpeedStepper(engine, reducer)
 
 
 def sparse_reducer(engine, constrainer):
     """ZeRO 0: all-reduce only the kept entries of masked gradients (one packed buffer per step)."""
-    from elastictrain.dist import SparseReducer
+    from elastictrain.distributed import SparseReducer
 
     engine.enable_backward_allreduce = False
     params = dict(engine.module.named_parameters())

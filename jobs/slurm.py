@@ -15,7 +15,7 @@ from pathlib import Path
 from string import Template
 
 from elastictrain.config import ConfigError, to_plain
-from pipeline.cluster import ClusterConfig
+from jobs.cluster import ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "stage.sbatch"
@@ -34,7 +34,8 @@ def inner_cluster(cluster: ClusterConfig, run_dir: Path) -> dict:
         return {**base, "kind": "single"}
     return {**base, "kind": "ray", "deepspeed": to_plain(cluster.deepspeed), "ray": {
         "address": "local" if s.nodes == 1 else "auto", "num_workers": ranks,
-        "cpus_per_worker": max(1, (s.cpus_per_node - 1) // s.ranks_per_node) if s.nodes == 1 else max(1, s.cpus_per_node // s.ranks_per_node),
+        "cpus_per_worker": (max(1, (s.cpus_per_node - 1) // s.ranks_per_node) if s.nodes == 1
+                            else max(1, s.cpus_per_node // s.ranks_per_node)),
         "gpus_per_worker": s.gpus_per_node / s.ranks_per_node, "storage_path": str(run_dir / "ray")}}
 
 
@@ -75,7 +76,8 @@ def _run(cmd: list[str]) -> str:
 
 def sbatch(script: Path, after: str | None = None, test_only: bool = False) -> str:
     """Submit ``script`` (after job ``after`` succeeded); the job id, or sbatch's verdict with ``test_only``."""
-    cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}"] if after else []) + (["--test-only"] if test_only else [])
+    cmd = (["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}"] if after else [])
+           + (["--test-only"] if test_only else []))
     if test_only:  # the verdict goes to stderr, exit status 0 or 1
         out = subprocess.run(cmd + [str(script)], capture_output=True, text=True, timeout=60)
         return (out.stderr or out.stdout).strip() + ("" if out.returncode == 0 else f" (exit {out.returncode})")

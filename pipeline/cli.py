@@ -7,16 +7,18 @@ import sys
 import warnings
 from pathlib import Path
 
-from elastictrain import checkpoint, spec as spec_mod
-from elastictrain.accounting import format_table
+from elastictrain import checkpoint
 from elastictrain.config import ConfigError, to_plain
+from elastictrain.constraints import spec as spec_mod
+from elastictrain.files import json_safe, write_json
+from elastictrain.measure.accounting import format_table
 
-from .artifacts import json_safe, write_json
 from .stage import StageFailed
 
 
 def cmd_init(args) -> int:
     import torch
+
     from elastictrain.models import build_model
 
     torch.manual_seed(args.seed)
@@ -35,12 +37,9 @@ def cmd_compress(args) -> int:
     ckpt = checkpoint.load(args.checkpoint)
     sd = checkpoint.model_state(ckpt, args.checkpoint)
     result = compress_state_dict(sd, spec, str(args.spec))
-    if result.violations:  # a projection that misses its own constraints is a bug, never an output
-        raise RuntimeError("projection violates its spec: " + "; ".join(map(str, result.violations[:3])))
-    out = checkpoint.compressed_checkpoint(result.state_dict, result.states, to_plain(spec),
-                                           previous=ckpt if "elastic_trainer_state_dict" in ckpt else None,
-                                           extra={"report": json_safe({k: v for k, v in result.report.items() if k != "layers"}),
-                                                  **{k: ckpt[k] for k in ("model", "num_classes", "in_channels") if k in ckpt}})
+    out = result.checkpoint(to_plain(spec), previous=ckpt if "elastic_trainer_state_dict" in ckpt else None,
+                            extra={"report": json_safe({k: v for k, v in result.report.items() if k != "layers"}),
+                                   **{k: ckpt[k] for k in ("model", "num_classes", "in_channels") if k in ckpt}})
     checkpoint.atomic_save(out, args.out)
     if args.report:
         write_json({"checkpoint": str(args.out), "spec": str(args.spec), **result.report}, args.report)
@@ -51,8 +50,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from elastictrain.plan import resolve
-    from elastictrain.verify import verify
+    from elastictrain.constraints.plan import resolve
+    from elastictrain.constraints.verify import verify
 
     spec = spec_mod.load(args.spec)
     ckpt = checkpoint.load(args.checkpoint)
@@ -67,14 +66,15 @@ def cmd_verify(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import load_cluster, load_pipeline
+    from .config import load_cluster, read_pipeline
     from .runner import run_pipeline
 
-    cfg = load_pipeline(args.pipeline, args.set)
+    source = read_pipeline(args.pipeline, args.set)  # the one read of the file in this process
+    cfg = source.cfg
     cluster = load_cluster(args.cluster)
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     only = [s for s in args.stages.split(",") if s] if args.stages else None
-    reports = run_pipeline(cfg, cluster, run_dir, only, pipeline_path=Path(args.pipeline), overrides=args.set)
+    reports = run_pipeline(cfg, cluster, run_dir, only, source=source)
     final = reports[-1] if reports else None
     if final is None:
         print(f"{run_dir}: every stage had finished already")
@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from elastictrain.robust import parse_attacks
+    from elastictrain.train.attacks import parse_attacks
 
     from .evaluate import EvalRequest, parse_rename, run_eval
 
@@ -110,7 +110,8 @@ def cmd_export(args) -> int:
     info = artifact.export(ckpt, args.out)
     head = f"{'layer':<24}{'params':>11}{'kept':>10}  {'mask':<22}{'values':<14}{'bytes':>10}"
     print("\n".join([head, "-" * len(head)] + [
-        f"{l['name'][:24]:<24}{l['params']:>11}{l['kept']:>10}  {l['mask'][:22]:<22}{l['values'][:14]:<14}{l['bytes']:>10}"
+        f"{l['name'][:24]:<24}{l['params']:>11}{l['kept']:>10}  {l['mask'][:22]:<22}{l['values'][:14]:<14}"
+        f"{l['bytes']:>10}"
         for l in info["layers"]]))
     print(f"{args.out}: {info['bytes']:,} bytes — weights {info['weights_bytes']:,}, BN/biases {info['other_bytes']:,} "
           f"({info['bn_dtype']}), header {info['header_bytes']:,}; honest ratio {info['honest_compression']:,.1f}× "
@@ -175,7 +176,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a pipeline's stages (dense pretrain → prune → quantize → fine-tune)")
     s.add_argument("pipeline")
-    s.add_argument("--cluster", help="cluster config (default: configs/clusters/local.yaml — in-process Ray, 2 workers)")
+    s.add_argument("--cluster",
+                   help="cluster config (default: configs/clusters/local.yaml — in-process Ray, 2 workers)")
     s.add_argument("--out", help="run directory (default: runs/<pipeline name>)")
     s.add_argument("--stages", help="comma-separated stage names to run (earlier ones must have finished)")
     _set_option(s)

@@ -13,6 +13,7 @@ file, or inline) and how the spec is enforced. The four standard stage kinds com
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
@@ -20,14 +21,16 @@ from typing import Literal, Optional, Sequence, Union
 import yaml
 
 from elastictrain.config import ConfigError, apply_overrides, build, fail, is_file, load_yaml, refuse_secrets
+from elastictrain.constraints.spec import Spec
+from elastictrain.constraints.spec import load as load_spec
+from elastictrain.constraints.spec import parse as parse_spec
 from elastictrain.data import DataConfig
 from elastictrain.files import atomic_write
-from elastictrain.robust import AdversarialConfig
-from elastictrain.spec import Spec, load as load_spec, parse as parse_spec
 from elastictrain.train import EnforceConfig, LRConfig, OptimConfig
+from elastictrain.train.attacks import AdversarialConfig
+from jobs.cluster import ClusterConfig, DeepSpeedConfig, RayConfig, SlurmConfig, load_cluster  # re-exported
 
 from .tracking import TrackingConfig
-from .cluster import ClusterConfig, DeepSpeedConfig, RayConfig, SlurmConfig, load_cluster  # re-exported
 
 KINDS = ("dense_pretrain", "progressive_prune", "quantize", "finetune")
 
@@ -90,21 +93,27 @@ class PipelineConfig:
             seen.add(s.name)
 
 
-def _raw(path: Path, overrides: Sequence[str]) -> dict:
-    raw = load_yaml(path)
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    return raw
+@dataclass
+class PipelineFile:
+    """A pipeline file read once: the typed config and the YAML tree it was built from (overrides
+    applied), which a snapshot writes back without reading the file again."""
+
+    path: Path
+    overrides: list[str]
+    raw: dict
+    cfg: "PipelineConfig"
 
 
-def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+def read_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineFile:
     """Parse and validate a pipeline file (after ``KEY=VALUE`` overrides, see
     ``elastictrain.config.apply_overrides``), loading every stage's spec (relative paths resolve
     against the pipeline file's folder); the previous stage's spec carries into a finetune stage."""
     path = Path(path)
     raw = load_yaml(path)  # its errors name the file already
+    if overrides:
+        raw = apply_overrides(raw, overrides)
     try:
-        cfg = build(PipelineConfig, refuse_secrets(apply_overrides(raw, overrides) if overrides else raw))
+        cfg = build(PipelineConfig, refuse_secrets(raw))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     previous: Optional[Spec] = None
@@ -114,29 +123,34 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineCo
             if not is_file(spec_path):
                 raise ConfigError(f"{path}: stages[{i}].spec: no such file {spec_path}")
             stage.spec = load_spec(spec_path)
-        elif isinstance(stage.spec, Spec):
-            pass
         if stage.spec is None and stage.kind == "finetune":
             stage.spec = previous
         previous = stage.spec if stage.spec is not None else previous
-    return cfg
+    return PipelineFile(path, list(overrides), raw, cfg)
 
 
-def snapshot_pipeline(path: str | Path, overrides: Sequence[str], dest: str | Path) -> Path:
-    """Write the pipeline as it will run — overrides applied, spec paths made absolute — to
-    ``dest`` (atomically). Jobs and Ray workers load this file, so they run exactly what was
-    validated here even if the original is edited later."""
-    path = Path(path).resolve()
-    load_pipeline(path, overrides)  # validate first: nothing is written for a bad config
-    raw = _raw(path, overrides)
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """``read_pipeline``'s typed config alone."""
+    return read_pipeline(path, overrides).cfg
+
+
+def snapshot_pipeline(source: PipelineFile, dest: str | Path, more: Sequence[str] = ()) -> Path:
+    """Write the pipeline as it will run — overrides (and ``more``, settings the driver resolved)
+    applied, spec paths made absolute — to ``dest`` (atomically). Jobs and Ray workers load this
+    file, so they run exactly what was validated here even if the original is edited later."""
+    raw = apply_overrides(source.raw, more) if more else copy.deepcopy(source.raw)
+    path = source.path.resolve()
     for stage in raw.get("stages") or []:
         spec = stage.get("spec") if isinstance(stage, dict) else None
         if isinstance(spec, str) and not Path(spec).is_absolute():
             stage["spec"] = str((path.parent / spec).resolve())
-    header = f"# {path}" + (f" with --set {' '.join(overrides)}" if overrides else "") + "\n"
+    settings = [*source.overrides, *more]
+    header = f"# {path}" + (f" with --set {' '.join(settings)}" if settings else "") + "\n"
     data = (header + yaml.safe_dump(raw, sort_keys=False)).encode()
     atomic_write(dest, lambda f: f.write(data))
     return Path(dest)
 
 
-__all__ = ["ClusterConfig", "DeepSpeedConfig", "RayConfig", "SlurmConfig", "ModelConfig", "PipelineConfig", "StageConfig", "load_cluster", "load_pipeline", "parse_spec", "snapshot_pipeline"]
+__all__ = ["ClusterConfig", "DeepSpeedConfig", "RayConfig", "SlurmConfig", "ModelConfig", "PipelineConfig",
+           "StageConfig", "load_cluster", "PipelineFile", "load_pipeline", "parse_spec", "read_pipeline",
+           "snapshot_pipeline"]

@@ -11,7 +11,6 @@ from ``--model``; classes and channels are otherwise read off the weights' shape
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,11 +19,8 @@ import torch
 
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError
-from elastictrain.grid import as4d
-from elastictrain.plan import LayerPlan, layer_kind, resolve
-from elastictrain.spec import Quantize, parse as parse_spec
-
-from .artifacts import write_json
+from elastictrain.constraints.plan import layer_kind
+from elastictrain.files import write_json
 
 
 @dataclass
@@ -71,23 +67,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def plans_of(ckpt: dict, sd: dict[str, torch.Tensor], source: str) -> dict[str, LayerPlan]:
-    """The layers' plans: from the recorded spec, else (the seed's checkpoints) from the
-    quantization tables — bits = log2(levels), one codebook per table row — for the accounting."""
-    shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_floating_point(v)}
-    if isinstance(ckpt.get("spec"), dict):
-        return resolve(parse_spec(ckpt["spec"]), shapes, f"{source}: spec")
-    plans = {}
-    for name, table in checkpoint.buffers(ckpt)["quantization_table"].items():
-        if name not in shapes or layer_kind(shapes[name]) is None or table.dim() != 2:
-            continue
-        bits = max(1, math.ceil(math.log2(max(table.shape[1], 2))))
-        shape4 = tuple(as4d(torch.empty(shapes[name], device="meta")).shape)
-        plans[name] = LayerPlan(name, -1, layer_kind(shapes[name]), shapes[name], shape4,
-                                quantize=Quantize(bits=bits), quant_parts=(table.shape[0], 1, 1, 1))
-    return plans
-
-
 def _model_for(ckpt: dict, sd: dict, req: EvalRequest, bundle=None):
     from elastictrain.models import build_model
 
@@ -104,7 +83,8 @@ def _model_for(ckpt: dict, sd: dict, req: EvalRequest, bundle=None):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ConfigError(f"{req.path}: weights do not fit model {name!r} ({what}{' …' if len(missing or unexpected) > 3 else ''})")
+        raise ConfigError(f"{req.path}: weights do not fit model {name!r} "
+                          f"({what}{' …' if len(missing or unexpected) > 3 else ''})")
     if bundle is not None and (classes, channels) != (bundle.num_classes, bundle.in_channels):
         raise ConfigError(f"{req.path}: the model maps {channels}-channel images to {classes} classes; "
                           f"{req.data} has {bundle.in_channels}-channel images of {bundle.num_classes} classes")
@@ -147,7 +127,7 @@ def parse_rename(text: str) -> list[tuple[str, str]]:
 
 def run_eval(req: EvalRequest, log=print) -> dict:
     """Everything ``elastictrain eval`` prints, as a dict (also written to ``req.json``)."""
-    from elastictrain.inspect import format_summary, summary
+    from elastictrain.measure.structure import format_summary, summary
 
     device = _device(req.device)
     ckpt = load_any(req.path)
@@ -155,13 +135,15 @@ def run_eval(req: EvalRequest, log=print) -> dict:
     if req.rename:
         sd, ckpt = _renamed(sd, req.rename), {**ckpt, "elastic_trainer_state_dict": {"model_buffers_state_dict": {
             k: _renamed(v, req.rename) for k, v in checkpoint.buffers(ckpt).items()}}}
-    plans = plans_of(ckpt, sd, str(req.path))
+    plans = checkpoint.plans(ckpt, str(req.path))
     out = summary({k: v for k, v in sd.items() if torch.is_floating_point(v)}, plans,
                   unit=req.unit, balance=req.balance, groups=req.groups)
-    out = {"checkpoint": str(req.path), "epoch": ckpt.get("local_dict", {}).get("epoch"), **out, **_packed(req.path, ckpt)}
+    out = {"checkpoint": str(req.path), "epoch": ckpt.get("local_dict", {}).get("epoch"), **out,
+           **_packed(req.path, ckpt)}
     bundle = None
     if req.data is not None:
-        from elastictrain.data import DataConfig, load as load_data
+        from elastictrain.data import DataConfig
+        from elastictrain.data import load as load_data
         from elastictrain.data.loader import make_test_loader
 
         data = DataConfig(name=req.data, root=req.data_root, pad_to=req.pad_to, limit_test=req.limit_test,
@@ -170,11 +152,12 @@ def run_eval(req: EvalRequest, log=print) -> dict:
             bundle = load_data(data)
         except ValueError as e:  # a missing folder or a malformed file, named by the reader
             raise ConfigError(str(e)) from None
-    model = _model_for(ckpt, sd, req, bundle).to(device) if bundle is not None or req.model or ckpt.get("model") else None
+    model = (_model_for(ckpt, sd, req, bundle).to(device)
+             if bundle is not None or req.model or ckpt.get("model") else None)
     if bundle is not None:
         from elastictrain.progress import Progress
-        from elastictrain.robust import robust_accuracy
         from elastictrain.train import evaluate
+        from elastictrain.train.attacks import robust_accuracy
 
         test = make_test_loader(bundle, data, device)
         prog = Progress("auto", log, prefix="[eval] ")
@@ -195,7 +178,8 @@ def run_eval(req: EvalRequest, log=print) -> dict:
     if req.plots is not None:
         from .plots import density_chart, weight_histograms
 
-        out["plots"] = [str(weight_histograms({n: v for n, v in sd.items() if layer_kind(tuple(v.shape))}, req.plots / "weights.png")),
+        out["plots"] = [str(weight_histograms({n: v for n, v in sd.items() if layer_kind(tuple(v.shape))},
+                                              req.plots / "weights.png")),
                         str(density_chart(out, req.plots / "density.png"))]
     if req.json is not None:
         write_json(out, req.json)

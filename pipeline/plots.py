@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from elastictrain.constraints.plan import layer_kind  # noqa: E402
 from elastictrain.files import atomic_write  # noqa: E402
-from elastictrain.plan import layer_kind  # noqa: E402
 
 BINS = 80
 DPI = 100

@@ -21,12 +21,12 @@ import torch
 import yaml
 
 from elastictrain import checkpoint
-from elastictrain.accounting import layer_report
 from elastictrain.config import ConfigError
+from elastictrain.constraints.grid import Grid
+from elastictrain.constraints.plan import LayerPlan, describe_grid, layer_kind
 from elastictrain.files import atomic_write
-from elastictrain.grid import Grid
-from elastictrain.inspect import balance_stats
-from elastictrain.plan import LayerPlan, describe_grid, layer_kind
+from elastictrain.measure.accounting import layer_report
+from elastictrain.measure.structure import balance_stats
 
 LAYERS_FORMAT = "elastictrain.layers/1"
 LAYER_SCHEMA = pa.schema([
@@ -129,7 +129,8 @@ def stage_markdown(report: dict, rows: list[dict], plans: dict[str, LayerPlan]) 
             f"{report.get('world_size', 1)} process(es).\n\n"
             f"- accuracy: top-1 {_pct(report.get('top1'))}, top-5 {_pct(report.get('top5'))}\n"
             + (f"- robust accuracy: {_robust(report)}\n" if report.get("robust") else "")
-            + f"- compression: pruning {_times(report.get('pruning_ratio'))}, nominal {_times(report.get('nominal_compression'))} "
+            + f"- compression: pruning {_times(report.get('pruning_ratio'))}, "
+              f"nominal {_times(report.get('nominal_compression'))} "
               f"(seed's accounting), stored bits {_times(report.get('storage_compression'))}, "
               f"honest {_honest(report)}\n"
             f"- structure: {describe_stage(plans)}\n\n")
@@ -204,7 +205,8 @@ def _seed_row(report: dict, plans: dict[str, LayerPlan]) -> list[str]:
     bits_txt = "-" if not bits else f"{'–'.join(map(str, dict.fromkeys([bits[0], bits[-1]])))}/{_times(qx)}"
     books_txt = "-" if not books else "–".join(map(str, dict.fromkeys([books[0], books[-1]])))
     return [str(report.get("data", "?")), str(report.get("model", "?")), str(report.get("pipeline", "?")),
-            str(report.get("stage", "?")), _times(report.get("nominal_compression")), _times(report.get("pruning_ratio")),
+            str(report.get("stage", "?")), _times(report.get("nominal_compression")),
+            _times(report.get("pruning_ratio")),
             describe_stage(plans), bits_txt, books_txt, _pct(report.get("top1")), _robust(report), _honest(report)]
 
 
@@ -226,7 +228,6 @@ def run_report(run_dirs: list[Path], out: Path | None = None) -> str:
     runs), written to ``out/report.md`` (default: the first run's ``report/``) with PNG plots:
     ``accuracy_vs_compression.png``, and per run ``density_RUN.png`` / ``weights_RUN.png`` of its
     final stage. Returns the Markdown."""
-    from .evaluate import plans_of
     from .plots import compression_chart, density_chart, weight_histograms
 
     if not run_dirs:
@@ -241,8 +242,7 @@ def run_report(run_dirs: list[Path], out: Path | None = None) -> str:
         if rows:
             rows.append([""] * len(SEED_COLUMNS))
         for report, ckpt in run:
-            sd = checkpoint.model_state(ckpt, str(d / report.get("stage", "?") / "checkpoint.pt"))
-            rows.append(_seed_row(report, plans_of(ckpt, sd, str(d / report.get("stage", "?")))))
+            rows.append(_seed_row(report, checkpoint.plans(ckpt, str(d / report.get("stage", "?") / "checkpoint.pt"))))
         points[label] = [{"stage": r["stage"], "top1": r["top1"], "nominal": r.get("nominal_compression"),
                           "honest": r.get("honest_compression")} for r, _ in run]
         final, ckpt = run[-1]

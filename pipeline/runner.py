@@ -5,26 +5,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError, to_plain
 from elastictrain.data import load as load_data
-from elastictrain.dist.shards import check_shardable
+from elastictrain.distributed.shards import check_shardable
 from elastictrain.models import build_model
+from elastictrain.train import Backend, Local
 
-from .config import ClusterConfig, PipelineConfig, snapshot_pipeline
+from .config import ClusterConfig, PipelineConfig, PipelineFile, load_pipeline, snapshot_pipeline
+from .stage import Context, check_tightening, finished_checkpoint, plans_for, run_stage, stage_dir
 from .tracking import resolve_mode
-from .stage import Context, check_tightening, is_finished, plans_for, run_stage, stage_dir
 
 
 def _device(cluster: ClusterConfig) -> torch.device:
     local_ray = cluster.kind == "ray" and cluster.ray.address == "local"
-    if local_ray and cluster.ray.gpus_per_worker > 0 and torch.cuda.device_count() < cluster.ray.num_workers * cluster.ray.gpus_per_worker:
+    if local_ray and cluster.ray.gpus_per_worker > 0 and \
+            torch.cuda.device_count() < cluster.ray.num_workers * cluster.ray.gpus_per_worker:
         raise ConfigError(f"cluster {cluster.name!r}: ray.gpus_per_worker: {cluster.ray.gpus_per_worker} × "
-                          f"{cluster.ray.num_workers} workers asked for, but {torch.cuda.device_count()} GPUs are visible")
+                          f"{cluster.ray.num_workers} workers asked for, but {torch.cuda.device_count()} GPUs "
+                          "are visible")
     if cluster.device == "cuda" and not torch.cuda.is_available() and (cluster.kind == "single" or local_ray):
         raise ConfigError(f"cluster {cluster.name!r}: device: cuda asked for, but no GPU is visible")
     if cluster.device == "auto":
@@ -39,7 +42,7 @@ def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: b
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     prev, prev_where = {}, ""
     for i, stage in enumerate(cfg.stages):
-        plans = plans_for(cfg, stage, shapes, f"stages[{i}]")
+        plans = plans_for(stage, shapes, f"stages[{i}]")
         if sharded and plans:
             if stage.enforce.method == "admm":
                 raise ConfigError(f"stages[{i}].enforce.method: admm keeps whole-weight Z and U; "
@@ -54,16 +57,20 @@ def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: b
             prev, prev_where = plans, f"stages[{i}] ({stage.name})"
 
 
-def check_finished(cfg: PipelineConfig, run_dir: Path, num_classes: int, in_channels: int) -> None:
-    """A finished stage in ``run_dir`` is skipped and feeds the next stage, so it must hold this
-    pipeline's model: a run directory reused with another model or data set is refused here,
-    not when the next stage loads its weights."""
+def check_finished(cfg: PipelineConfig, run_dir: Path, num_classes: int, in_channels: int,
+                   log=print) -> dict[str, dict]:
+    """The finished stages in ``run_dir``, {stage name: checkpoint}, each read once. A finished
+    stage is skipped and feeds the next stage, so it must hold this pipeline's model: a run
+    directory reused with another model or data set is refused here, not when the next stage
+    loads its weights."""
     want = {"model": cfg.model.name, "num_classes": num_classes, "in_channels": in_channels}
     shapes = None
-    for path in (Path(run_dir) / s.name / "checkpoint.pt" for s in cfg.stages):
-        if not is_finished(path):
+    done = {}
+    for stage in cfg.stages:
+        path = Path(run_dir) / stage.name / "checkpoint.pt"
+        ckpt = finished_checkpoint(path, log)
+        if ckpt is None:
             continue
-        ckpt = checkpoint.load(path)
         differ = [f"{k} {ckpt[k]!r} (this pipeline: {v!r})" for k, v in want.items() if k in ckpt and ckpt[k] != v]
         if not differ:
             if shapes is None:
@@ -75,14 +82,15 @@ def check_finished(cfg: PipelineConfig, run_dir: Path, num_classes: int, in_chan
         if differ:
             raise ConfigError(f"{path}: finished with {', '.join(differ)}; use another --out, "
                               "or delete that stage's folder to run it again")
+        done[stage.name] = ckpt
+    return done
 
 
 def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
-                 only: Optional[list[str]] = None, log=print, pipeline_path: Optional[Path] = None,
-                 overrides: Sequence[str] = ()) -> list[dict]:
-    """Run the stages in order on ``cluster``. ``pipeline_path`` (the file ``cfg`` came from, with
-    ``overrides``) is snapshotted to ``RUN_DIR/pipeline.yaml`` once everything validated; Ray
-    workers load that snapshot and parse and validate it again on their side."""
+                 only: Optional[list[str]] = None, log=print, source: Optional[PipelineFile] = None) -> list[dict]:
+    """Run the stages in order on ``cluster``. ``source`` (the file ``cfg`` was read from) is
+    snapshotted to ``RUN_DIR/pipeline.yaml`` once everything validated; Ray workers load that
+    snapshot and parse and validate it again on their side."""
     names = [s.name for s in cfg.stages]
     for n in only or []:
         if n not in names:
@@ -90,8 +98,8 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     if cluster.kind == "ray" and cfg.data.batch_size % cluster.ray.num_workers:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not divide over "
                           f"ray.num_workers: {cluster.ray.num_workers} of cluster {cluster.name!r}")
-    if cluster.kind == "ray" and pipeline_path is None:
-        raise ValueError("run_pipeline: a ray cluster needs pipeline_path (workers load the file)")
+    if cluster.kind == "ray" and source is None:
+        raise ValueError("run_pipeline: a ray cluster needs the pipeline's source (workers load its snapshot)")
     mode = resolve_mode(cfg.tracking.wandb)  # here, once: workers see the same mode whatever their env
     cfg.tracking.wandb.mode = mode
     if cluster.threads and cluster.kind == "single":
@@ -105,28 +113,24 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
         limit = f" (data.limit_train: {cfg.data.limit_train})" if cfg.data.limit_train else ""
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is more than the {len(bundle.train)} training "
                           f"examples{limit}, so an epoch would have no step")
-    check_finished(cfg, run_dir, bundle.num_classes, bundle.in_channels)
+    done = check_finished(cfg, run_dir, bundle.num_classes, bundle.in_channels, log)
     try:
-        validate(cfg, bundle.num_classes, bundle.in_channels, sharded=cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3)
+        sharded = cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3
+        validate(cfg, bundle.num_classes, bundle.in_channels, sharded=sharded)
     except ConfigError as e:
         raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
-    if pipeline_path is not None:
-        pipeline_path = snapshot_pipeline(pipeline_path, [*overrides, f"tracking.wandb.mode={mode}"],
-                                          Path(run_dir) / "pipeline.yaml")
+    snapshot = None
+    if source is not None:
+        snapshot = snapshot_pipeline(source, Path(run_dir) / "pipeline.yaml", [f"tracking.wandb.mode={mode}"])
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
-    ctx = Context(cfg, bundle, device, autocast, run_dir, log=log, cluster=to_plain(cluster))
+    ctx = Context(cfg, bundle, Path(run_dir), Local(device, autocast), log=log, cluster=to_plain(cluster))
     reports, previous = [], None
     for i, stage in enumerate(cfg.stages):
         path = stage_dir(ctx, stage) / "checkpoint.pt"
         selected = only is None or stage.name in only
-        if path.is_file() and not is_finished(path):
-            try:
-                checkpoint.load(path)
-            except ConfigError as e:  # named, then redone (from its resume point, if any)
-                log(f"[{stage.name}] {e}; running the stage again")
-        if is_finished(path):
+        if stage.name in done:  # (a corrupt one was named by check_finished and is redone)
             log(f"[{stage.name}] finished earlier: {path} (skipped)")
-            previous = checkpoint.load(path)
+            previous = done[stage.name]
             continue
         if not selected:
             if any(n in only for n in names[i + 1:]):
@@ -137,10 +141,26 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
 
             log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {cluster.ray.num_workers} Ray Train workers "
                 f"(DeepSpeed ZeRO-{cluster.deepspeed.zero_stage})")
-            run_stage_on_ray(pipeline_path, cluster, run_dir, i, stage.name, cfg.name)
+            args = {"pipeline": str(Path(snapshot).resolve()), "run_dir": str(Path(run_dir).resolve()),
+                    "index": i, "cluster": to_plain(cluster)}
+            run_stage_on_ray(stage_on_rank, args, cluster, f"{cfg.name}-{stage.name}")
             reports.append(json.loads((stage_dir(ctx, stage) / "report.json").read_text()))
         else:
             log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {device}")
             reports.append(run_stage(ctx, i, previous))
         previous = checkpoint.load(path)
     return reports
+
+
+def stage_on_rank(backend: Backend, args: dict) -> tuple[dict, Path]:
+    """A Ray Train worker's stage (``jobs.ray_train`` calls it with the rank's backend): the
+    pipeline snapshot and the data are loaded here, the previous stage's checkpoint from shared
+    storage. Returns the metrics Ray Train records and the checkpoint rank 0 wrote."""
+    cfg = load_pipeline(args["pipeline"])
+    index, run_dir = args["index"], Path(args["run_dir"])
+    previous = checkpoint.load(run_dir / cfg.stages[index - 1].name / "checkpoint.pt") if index > 0 else None
+    ctx = Context(cfg, load_data(cfg.data), run_dir, backend, log=print if backend.rank == 0 else (lambda s: None),
+                  cluster=args["cluster"])
+    report = run_stage(ctx, index, previous)
+    metrics = {k: report[k] for k in ("top1", "top5", "pruning_ratio", "nominal_compression", "seconds")}
+    return metrics, stage_dir(ctx, cfg.stages[index]) / "checkpoint.pt"

@@ -6,7 +6,6 @@ Everything that can be wrong with a stage is checked by ``prepare`` before any t
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,20 +14,28 @@ from typing import Callable, Optional
 
 import torch
 
-from elastictrain import artifact, checkpoint
-from elastictrain.accounting import report as accounting_report
+from elastictrain import artifact, checkpoint, compress
 from elastictrain.config import ConfigError, to_plain
+from elastictrain.constraints.plan import LayerPlan, resolve
+from elastictrain.constraints.projection import LayerState
 from elastictrain.data import DataBundle, make_loaders
+from elastictrain.files import json_safe, write_json
+from elastictrain.measure.accounting import report as accounting_report
 from elastictrain.models import build_model
 from elastictrain.progress import Progress
-from elastictrain.plan import LayerPlan, resolve
-from elastictrain.projection import LayerState
-from elastictrain.robust import attack, robust_accuracy
-from elastictrain.train import Constrainer, Hooks, TorchStepper, build_optimizer, build_scheduler, evaluate, train_epoch
-from elastictrain.verify import verify
+from elastictrain.train import (
+    Backend,
+    Constrainer,
+    Hooks,
+    StageFailed,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    train_epoch,
+)
+from elastictrain.train.attacks import attack, robust_accuracy
 
 from . import resume
-from .artifacts import json_safe, write_json
 from .config import PipelineConfig, StageConfig
 from .report import write_stage_tables
 from .tracking import StepMetrics, make_tracker
@@ -36,42 +43,34 @@ from .tracking import StepMetrics, make_tracker
 STAGE_FORMAT = "elastictrain.stage/1"
 
 
-def torch_engine(model, opt, sched, stage: StageConfig, constrainer):
-    """The single-process engine: the model itself for forward, a TorchStepper for the step."""
-    return model, TorchStepper(model, opt, sched, stage.optimizer.clip_grad_norm)
-
-
 @dataclass
 class Context:
+    """What a stage runs with: the pipeline, its data, where it writes, and the backend — one
+    process (``elastictrain.train.Local``) or one DeepSpeed rank (``jobs.backend``)."""
+
     cfg: PipelineConfig
     bundle: DataBundle
-    device: torch.device
-    autocast: Optional[torch.dtype]
     run_dir: Path
-    world_size: int = 1
-    rank: int = 0
+    backend: Backend
     log: Callable[[str], None] = print
-    make_engine: Callable = torch_engine
-    """(model, optimizer, scheduler, stage, constrainer) → (forward module, stepper); ``jobs``
-    passes one that wraps the model in a DeepSpeed engine."""
-    reduce_metrics: Callable[[dict], dict] = lambda m: m
-    """sums / averages per-rank metrics across ranks (identity on one process)."""
-    state_dict: Callable[[torch.nn.Module], dict] = lambda model: {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    """the whole model's state (under ZeRO-3, ``jobs`` gathers the partitioned parameters)."""
-    all_finite: Callable[[float], bool] = lambda x: math.isfinite(x)
-    """whether a value is finite on *every* rank (so all ranks stop together, never one alone)."""
-    barrier: Callable[[], None] = lambda: None
-    """waits for every rank (resume points are committed after all ranks wrote theirs)."""
     cluster: Optional[dict] = None
     """the cluster config (plain), for the tracker's record of the run."""
-    optimizer_state: Callable[[torch.optim.Optimizer], Optional[dict]] = lambda opt: opt.state_dict()
-    """what the checkpoint keeps of the optimizer: None under DeepSpeed, whose ZeRO partitions it
-    across ranks (one rank's slice alone would not restore anything)."""
 
+    @property
+    def rank(self) -> int:
+        return self.backend.rank
 
-class StageFailed(RuntimeError):
-    """A stage stopped by a fault it cannot train through (NaN/Inf); the message is one line
-    naming the stage, the fault and the last good resume point."""
+    @property
+    def world_size(self) -> int:
+        return self.backend.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def autocast(self) -> Optional[torch.dtype]:
+        return self.backend.autocast
 
 
 def _last_good(sdir: Path, epoch: int) -> str:
@@ -85,28 +84,28 @@ def stage_dir(ctx: Context, stage: StageConfig) -> Path:
     return ctx.run_dir / stage.name
 
 
-def is_finished(path: Path) -> bool:
+def finished_checkpoint(path: Path, log: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+    """The stage's checkpoint if it finished, else None. One that is corrupt or cut off counts as
+    unfinished (the stage runs again; ``log`` names why); one carrying code is refused."""
     if not path.is_file():
-        return False
+        return None
     try:
-        return bool(checkpoint.load(path).get("local_dict", {}).get("finished", False))
+        ckpt = checkpoint.load(path)
     except checkpoint.UnsafeCheckpoint:
         raise  # tampered with: refused, never run again over
-    except ConfigError:
-        return False  # unreadable: run the stage again
+    except ConfigError as e:  # unreadable: run the stage again
+        if log is not None:
+            log(f"[{path.parent.name}] {e}; running the stage again")
+        return None
+    return ckpt if ckpt.get("local_dict", {}).get("finished", False) else None
 
 
-def plans_for(cfg: PipelineConfig, stage: StageConfig, shapes: dict, where: str) -> dict[str, LayerPlan]:
+def is_finished(path: Path) -> bool:
+    return finished_checkpoint(path) is not None
+
+
+def plans_for(stage: StageConfig, shapes: dict, where: str) -> dict[str, LayerPlan]:
     return resolve(stage.spec, shapes, f"{where}.spec") if stage.spec is not None else {}
-
-
-def _keep_fraction(plan: LayerPlan) -> float:
-    f = 1.0
-    for s in plan.steps:
-        f *= s.fraction
-    if plan.pattern is not None:
-        f *= plan.pattern.entries / (plan.shape4[2] * plan.shape4[3])
-    return f
 
 
 def check_tightening(prev: dict[str, LayerPlan], cur: dict[str, LayerPlan], where: str, prev_where: str) -> None:
@@ -115,9 +114,9 @@ def check_tightening(prev: dict[str, LayerPlan], cur: dict[str, LayerPlan], wher
         c = cur.get(name)
         if c is None:
             raise ConfigError(f"{where}.spec: leaves {name} unconstrained, loosening {prev_where}")
-        if _keep_fraction(c) > _keep_fraction(p) * (1 + 1e-9):
-            raise ConfigError(f"{where}.spec: keeps {_keep_fraction(c):.4%} of {name}, more than "
-                              f"{_keep_fraction(p):.4%} under {prev_where} (a later stage may only tighten)")
+        if c.weight_density > p.weight_density * (1 + 1e-9):
+            raise ConfigError(f"{where}.spec: keeps {c.weight_density:.4%} of {name}, more than "
+                              f"{p.weight_density:.4%} under {prev_where} (a later stage may only tighten)")
         if p.quantize is not None and (c.quantize is None or c.quantize.bits > p.quantize.bits):
             raise ConfigError(f"{where}.spec: {name} had {p.quantize.bits}-bit codes under {prev_where}; "
                               f"a later stage may not drop or widen them")
@@ -150,7 +149,7 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     if previous is not None:
         model.load_state_dict(checkpoint.model_state(previous))
     params = dict(model.named_parameters())
-    plans = plans_for(cfg, stage, {n: tuple(p.shape) for n, p in params.items()}, where)
+    plans = plans_for(stage, {n: tuple(p.shape) for n, p in params.items()}, where)
     per_rank = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // ctx.world_size,
                                    eval_batch_size=max(1, cfg.data.eval_batch_size // ctx.world_size))
     train_loader, test_loader = make_loaders(b, per_rank, ctx.device, seed=cfg.seed + index, rank=ctx.rank,
@@ -165,7 +164,9 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             prev_state = {"masks": buf["weight_mask"], "libraries": buf["pattern_library"],
                           "codebooks": buf["quantization_table"]}
         constrainer = Constrainer(params, plans, stage.enforce, len(train_loader) * stage.epochs, prev_state)
-    forward, stepper = ctx.make_engine(model, opt, sched, stage, constrainer)
+    backend = ctx.backend
+    forward, stepper = backend.engine(model, opt, sched, constrainer, batch_per_rank=per_rank.batch_size,
+                                      clip=stage.optimizer.clip_grad_norm)
     sdir = stage_dir(ctx, stage)
     owner = {"stage": resume.fingerprint(json_safe(to_plain(stage))), "world_size": ctx.world_size,
              "pipeline": resume.fingerprint(json_safe([cfg.seed, to_plain(cfg.model), to_plain(cfg.data)]))}
@@ -183,12 +184,15 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
                    "checksum_restored": constrainer.checksum() if constrainer is not None else None}
         ctx.log(f"[{stage.name}] resumed after epoch {start}/{stage.epochs} from {at}")
     if constrainer is not None:
-        constrainer.begin(opt)
-    prog = Progress(cfg.tracking.progress, ctx.log, cfg.tracking.progress_every_s, f"[{stage.name}] ") if ctx.rank == 0 else None
+        for event in constrainer.begin(opt):
+            backend.after_update(constrainer, event)
+    prog = None
+    if ctx.rank == 0:
+        prog = Progress(cfg.tracking.progress, ctx.log, cfg.tracking.progress_every_s, f"[{stage.name}] ")
     steps_per_epoch = len(train_loader)
     metrics = StepMetrics(tracker, cfg.tracking.wandb.log_every, steps_per_epoch, ctx.world_size)
     metrics.step = start * steps_per_epoch
-    hooks = Hooks(on_step=metrics.on_step, progress=prog, finite=ctx.all_finite)
+    hooks = Hooks(on_step=metrics.on_step, progress=prog, finite=backend.all_finite)
     adv = stage.adversarial
     if adv is not None:  # each rank attacks its own shard of the batch
         # through the module, not a DeepSpeed engine: an engine treats any backward through it —
@@ -196,7 +200,11 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         hooks.adversarial = lambda _, x, y: attack(model, x, y, adv.attack, b.mean, b.std, ctx.autocast)
         hooks.adv_beta = adv.beta
     if constrainer is not None:
-        constrainer.listeners.append(metrics.on_constraint)
+        def after_update(event: str) -> None:  # every rank: the backend's part (re-mask, rank check), then metrics
+            backend.after_update(constrainer, event)
+            metrics.on_constraint(constrainer, event)
+
+        hooks.on_update = after_update
     for epoch in range(start, stage.epochs):
         train_loader.set_epoch(epoch)
         hooks.desc = f"epoch {epoch + 1}/{stage.epochs}"
@@ -206,11 +214,12 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             raise StageFailed(f"[{stage.name}] stopped in epoch {epoch + 1}: {e}; {_last_good(sdir, epoch)}") from None
         with constrainer.effective() if constrainer is not None else nullcontext():
             m.update(evaluate(model, test_loader, ctx.autocast, prog))  # what the model is, not its latent weights
-            now = ctx.state_dict(model) if plans else None  # (a collective under ZeRO-3: every rank calls it)
-        m = ctx.reduce_metrics(m)
+            now = backend.state_dict(model) if plans else None  # (a collective under ZeRO-3: every rank calls it)
+        m = backend.reduce_metrics(m)
         m["epoch"] = epoch + 1
         if constrainer is not None:
-            m["density"] = sum(int(x.sum()) for x in constrainer.masks.values()) / sum(x.numel() for x in constrainer.masks.values())
+            masks = constrainer.masks.values()
+            m["density"] = sum(int(x.sum()) for x in masks) / sum(x.numel() for x in masks)
         if now is not None and ctx.rank == 0:
             acc = accounting_report(now, plans)
             m.update(nominal_compression=acc["nominal_compression"], storage_compression=acc["storage_compression"])
@@ -219,43 +228,42 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         ctx.log(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs} loss {m['loss']:.4f} train {m['train_acc']:.2%} "
                 f"test {m['top1']:.2%}" + (f" density {m['density']:.4f}" if "density" in m else "")
                 + f" {m['images_per_s']:.0f} img/s {m['seconds']:.1f}s")
-        if not ctx.all_finite(float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))):
+        if not backend.all_finite(float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))):
             raise StageFailed(f"[{stage.name}] stopped after epoch {epoch + 1}: the weights hold NaN/Inf; "
                               f"{_last_good(sdir, epoch)}")
         state = {"constrainer": constrainer.state_dict() if constrainer is not None else None, "history": history,
                  "rng": resume.rng_state(), "checksum": constrainer.checksum() if constrainer is not None else None}
-        resume.save_point(sdir, epoch + 1, stepper, state, owner, ctx.rank, ctx.barrier)
+        resume.save_point(sdir, epoch + 1, stepper, state, owner, ctx.rank, backend.barrier)
     states = constrainer.finish() if constrainer is not None else {}
     final = evaluate(model, test_loader, ctx.autocast)
     if adv is not None and adv.eval_images:
-        r = robust_accuracy(model, test_loader, adv.attack, b.mean, b.std, -(-adv.eval_images // ctx.world_size), ctx.autocast, prog)
+        per_rank_images = -(-adv.eval_images // ctx.world_size)
+        r = robust_accuracy(model, test_loader, adv.attack, b.mean, b.std, per_rank_images, ctx.autocast, prog)
         final.update({f"robust:{adv.attack.name}": r["accuracy"], "robust_images": r["images"]})
-    final = ctx.reduce_metrics(final)
-    sd = ctx.state_dict(model)
-    weights = {n: sd[n] for n in plans}
-    violations = verify(plans, weights, {n: s.library for n, s in states.items() if s.library is not None})
-    if violations:  # the stage's own output must satisfy its spec; anything else is a bug
-        raise RuntimeError(f"{where}: output violates its spec: " + "; ".join(map(str, violations[:3])))
-    rep = accounting_report(sd, plans)
+    final = backend.reduce_metrics(final)
+    sd = backend.state_dict(model)
+    result = compress.finish(sd, {n: _cpu_state(s) for n, s in states.items()}, plans)
+    result.check(where)  # the stage's own output must satisfy its spec; anything else is a bug
     report = {"format": STAGE_FORMAT, "pipeline": cfg.name, "stage": stage.name, "kind": stage.kind,
               "model": cfg.model.name, "data": cfg.data.name, "top1": final["top1"], "top5": final["top5"],
               "test_loss": final["test_loss"], "world_size": ctx.world_size,
               "robust": {k.split(":", 1)[1]: v for k, v in final.items() if k.startswith("robust:")},
               "seconds": time.perf_counter() - t0, "epochs": stage.epochs, "history": history, "resumed": resumed,
-              "constraint_stats": constrainer.stats if constrainer else {}, **rep}
-    states_cpu = {n: _cpu_state(s) for n, s in states.items()}
-    ckpt = checkpoint.compressed_checkpoint(
-        sd, states_cpu, to_plain(stage.spec) if stage.spec is not None else None, previous=previous, epoch=stage.epochs,
+              "constraint_stats": constrainer.stats if constrainer else {}, **result.report}
+    ckpt = result.checkpoint(
+        to_plain(stage.spec) if stage.spec is not None else None, previous=previous, epoch=stage.epochs,
         extra={"pipeline": cfg.name, "stage": stage.name, "kind": stage.kind, "model": cfg.model.name,
                "num_classes": b.num_classes, "in_channels": b.in_channels,
-               "optimizer_state_dict": ctx.optimizer_state(opt),
+               "optimizer_state_dict": backend.optimizer_state(opt),
                "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})})
-    ckpt["local_dict"].update({"finished": True, "step": constrainer.step if constrainer else len(train_loader) * stage.epochs})
+    steps = constrainer.step if constrainer else len(train_loader) * stage.epochs
+    ckpt["local_dict"].update({"finished": True, "step": steps})
     if ctx.rank == 0:  # every rank holds the same weights and state; one writes
         out = stage_dir(ctx, stage)
         packed = artifact.export(ckpt, out / "model.etz", progress=prog)  # the honest size beside the nominal ratio
         report.update(artifact_bytes=packed["bytes"], artifact_weights_bytes=packed["weights_bytes"],
-                      honest_compression=packed["honest_compression"], artifact_model_compression=packed["model_compression"])
+                      honest_compression=packed["honest_compression"],
+                      artifact_model_compression=packed["model_compression"])
         write_json(report, out / "report.json")
         write_stage_tables(out, report, sd, plans)  # layers.parquet (recounted from the weights) + report.md
         checkpoint.atomic_save(ckpt, out / "checkpoint.pt")  # last: a finished checkpoint means every output is there

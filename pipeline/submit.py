@@ -18,26 +18,19 @@ from typing import Optional, Sequence
 
 import yaml
 
-from elastictrain import checkpoint
 from elastictrain.config import ConfigError
+from elastictrain.files import write_json
+from jobs import ray_jobs
+from jobs.cluster import ClusterConfig, load_cluster
 
-from .artifacts import write_json
-from .cluster import ClusterConfig, load_cluster
-from .config import load_pipeline, snapshot_pipeline
+from .config import read_pipeline, snapshot_pipeline
+from .stage import is_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _finished(run_dir: Path, stage: str) -> bool:
-    path = run_dir / stage / "checkpoint.pt"
-    if not path.is_file():
-        return False
-    try:
-        return bool(checkpoint.load(path).get("local_dict", {}).get("finished", False))
-    except checkpoint.UnsafeCheckpoint:
-        raise  # tampered with: refused, never resubmitted over
-    except ConfigError:
-        return False
+    return is_finished(run_dir / stage / "checkpoint.pt")  # (a checkpoint carrying code is refused)
 
 
 def _record(run_dir: Path) -> dict:
@@ -49,8 +42,8 @@ def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[st
            log=print, overrides: Sequence[str] = ()) -> dict:
     """Submit every unfinished stage; returns (and records) {stage: job id}. The jobs run the
     snapshot ``RUN_DIR/submit/pipeline.yaml`` (``overrides`` applied, spec paths absolute)."""
-    source = Path(pipeline_path).resolve()
-    cfg = load_pipeline(source, overrides)
+    source = read_pipeline(Path(pipeline_path).resolve(), overrides)
+    cfg = source.cfg
     cluster = load_cluster(cluster_path)
     if cluster.kind == "single" or (cluster.kind == "ray" and not cluster.ray.job_server):
         raise ConfigError(f"cluster {cluster.name!r}: submit needs kind: slurm, or kind: ray with ray.job_server "
@@ -68,14 +61,15 @@ def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[st
         log(f"finished earlier, not resubmitted: {', '.join(done)}")
     pipeline_path = run_dir / "submit" / "pipeline.yaml"
     if not dry_run:
-        snapshot_pipeline(source, overrides, pipeline_path)
+        snapshot_pipeline(source, pipeline_path)
     if cluster.kind == "slurm":
         jobs = _submit_slurm(cfg.name, pipeline_path, cluster, run_dir, pending, dry_run, log)
     else:
         jobs = _submit_ray(pipeline_path, Path(cluster_path).resolve(), cluster, run_dir, dry_run, log)
     if not dry_run:
         record = _record(run_dir)
-        record.update(pipeline=str(source), overrides=list(overrides), cluster=str(Path(cluster_path).resolve()), kind=cluster.kind,
+        record.update(pipeline=str(source.path), overrides=list(overrides),
+                      cluster=str(Path(cluster_path).resolve()), kind=cluster.kind,
                       stages=[s.name for s in cfg.stages])
         record.setdefault("jobs", {}).update({k: {"id": v, "submitted": time.time()} for k, v in jobs.items()})
         write_json(record, run_dir / "submit" / "jobs.json")
@@ -108,14 +102,11 @@ def _submit_slurm(name: str, pipeline: Path, cluster: ClusterConfig, run_dir: Pa
 def _submit_ray(pipeline: Path, cluster_path: Path, cluster: ClusterConfig, run_dir: Path, dry_run: bool, log) -> dict:
     workdir = Path(cluster.ray.working_dir or ROOT).resolve()
     entry = f"{cluster.ray.python} -m pipeline.cli run {pipeline} --cluster {cluster_path} --out {run_dir}"
-    env = {"working_dir": str(workdir), "excludes": [".venv", ".git", "runs", "bench/results", "*.pt", "*.etz"]}
     if dry_run:
-        log(f"# Ray Jobs API at {cluster.ray.job_server}: one driver job\nentrypoint: {entry}\nruntime_env: {env}")
+        log(f"# Ray Jobs API at {cluster.ray.job_server}: one driver job\nentrypoint: {entry}\n"
+            f"runtime_env: {ray_jobs.runtime_env(workdir)}")
         return {}
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(cluster.ray.job_server)
-    job = client.submit_job(entrypoint=entry, runtime_env=env)
+    job = ray_jobs.submit_driver(cluster.ray.job_server, entry, workdir)
     log(f"submitted: Ray job {job} at {cluster.ray.job_server} (all stages, in order)")
     return {"driver": job}
 
@@ -145,9 +136,7 @@ def status(run_dir: str | Path, log=print) -> list[dict]:
 
 def _ray_state(record: dict, job: str) -> str:
     try:
-        from ray.job_submission import JobSubmissionClient
-
         cluster = load_cluster(record["cluster"])
-        return str(JobSubmissionClient(cluster.ray.job_server).get_job_status(job))
-    except Exception as e:  # the head may be gone: say so rather than fail the whole report
-        return f"UNREACHABLE ({type(e).__name__})"
+    except ConfigError as e:  # the cluster file moved: say so rather than fail the whole report
+        return f"UNKNOWN ({e})"
+    return ray_jobs.job_state(cluster.ray.job_server, job)

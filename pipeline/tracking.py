@@ -130,7 +130,8 @@ class WandbTracker(NullTracker):
         existing = [Path(f) for f in files if Path(f).is_file()]
         if existing:  # referenced, not copied: checkpoints can be large; the run dir is shared storage
             art = self.wandb.Artifact(f"{self.group}-{self.stage}", type="model",
-                                      metadata={k: report[k] for k in ("top1", "nominal_compression", "honest_compression")
+                                      metadata={k: report[k]
+                                                for k in ("top1", "nominal_compression", "honest_compression")
                                                 if report and k in report})
             for f in existing:
                 art.add_reference(f"file://{f.resolve()}", name=f.name)

@@ -6,7 +6,7 @@ import itertools
 import torch
 from hypothesis import strategies as st
 
-from elastictrain.grid import AXES, Grid
+from elastictrain.constraints.grid import AXES, Grid
 
 
 def divisors(n: int) -> list[int]:
@@ -19,7 +19,8 @@ def loop_block_view(x: torch.Tensor, parts) -> torch.Tensor:
     b = [d[i] // parts[i] for i in range(4)]
     rows = []
     for i0, i1, i2, i3 in itertools.product(*(range(p) for p in parts)):
-        blk = x[i0 * b[0]:(i0 + 1) * b[0], i1 * b[1]:(i1 + 1) * b[1], i2 * b[2]:(i2 + 1) * b[2], i3 * b[3]:(i3 + 1) * b[3]]
+        blk = x[i0 * b[0]:(i0 + 1) * b[0], i1 * b[1]:(i1 + 1) * b[1],
+                i2 * b[2]:(i2 + 1) * b[2], i3 * b[3]:(i3 + 1) * b[3]]
         rows.append(blk.reshape(-1))
     return torch.stack(rows)
 

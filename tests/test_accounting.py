@@ -3,9 +3,9 @@ import math
 
 import torch
 
-from elastictrain.accounting import relative_index_bits, report
-from elastictrain.plan import resolve
-from elastictrain.spec import parse
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import parse
+from elastictrain.measure.accounting import relative_index_bits, report
 
 
 def test_relative_index_hand_computed():
@@ -28,9 +28,10 @@ def test_layer_storage_picks_cheapest_encoding():
 def test_seed_nominal_ratio_1000x_pruning_2bit_is_16000x():
     torch.manual_seed(0)
     w = {"conv.weight": torch.randn(64, 64, 5, 5)}  # 102400 weights
-    spec = parse({"rules": [{"match": "*", "prune": {"ratio": 1000}, "quantize": {"bits": 2, "groups": {"filter": 4}}}]})
+    spec = parse({"rules": [{"match": "*", "prune": {"ratio": 1000},
+                             "quantize": {"bits": 2, "groups": {"filter": 4}}}]})
     plans = resolve(spec, {k: tuple(v.shape) for k, v in w.items()})
-    from elastictrain.projection import project
+    from elastictrain.constraints.projection import project
     out, _ = project(w, plans)
     rep = report(out, plans)
     assert rep["nonzeros"] == 102 and rep["layers"][0]["codebooks"] == 4

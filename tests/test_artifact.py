@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from elastictrain import artifact, checkpoint
 from elastictrain.artifact import entropy, masks
 from elastictrain.artifact.format import Payload, write
 from elastictrain.compress import compress_state_dict
 from elastictrain.config import to_plain
+from elastictrain.constraints.spec import load as load_spec
+from elastictrain.constraints.spec import parse
 from elastictrain.models import build_model
-from elastictrain.spec import load as load_spec, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +34,8 @@ SPECS = {
                             {"match": "classifier.3.weight", "quantize": {"bits": 3}}]},
     "pattern": {"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 4},
                            "pattern": {"entries": 4, "patterns": 8}, "quantize": {"bits": 2, "groups": {"filter": 16}}},
-                          {"match": "classifier.0.weight", "prune": {"ratio": 64}, "balance": {"filter": 16, "channel": 4}}]},
+                          {"match": "classifier.0.weight", "prune": {"ratio": 64},
+                           "balance": {"filter": 16, "channel": 4}}]},
 }
 
 

@@ -57,7 +57,8 @@ def existing(tmp_path_factory) -> tuple[Path, Path]:
         assert main(["run", str(tmp / "p.yaml"), "--cluster", str(tmp / "c.yaml"), "--out", str(run),
                      "--stages", "dense_pretrain"]) == 0
     else:  # a stand-in with the same files, for the cases that need no data
-        assert main(["init", "smallcnn", "--in-channels", "1", "--out", str(run / "dense_pretrain" / "checkpoint.pt")]) == 0
+        assert main(["init", "smallcnn", "--in-channels", "1",
+                     "--out", str(run / "dense_pretrain" / "checkpoint.pt")]) == 0
         (run / "dense_pretrain" / "report.json").write_text('{"stage": "dense_pretrain"}\n')
     assert (run / "dense_pretrain" / "checkpoint.pt").is_file() and (run / "dense_pretrain" / "report.json").is_file()
     five = tmp / "five"  # Fashion-MNIST-shaped files with 5 classes
@@ -134,7 +135,8 @@ def _eval_five_class_head(w: Work) -> list[str]:
 
 
 def case(name: str, argv: Callable[[Work], list[str]], message: str, data: bool = False):
-    """A row: ``argv(work)`` gives the command line; ``message`` (``{tmp}`` is the case's folder) must be in the error."""
+    """A row: ``argv(work)`` gives the command line; ``message`` (``{tmp}`` is the case's folder) must be
+    in the error."""
     return pytest.param(argv, message, id=name, marks=needs_data if data else ())
 
 
@@ -143,19 +145,23 @@ K = "features.3.weight"
 
 CASES = [
     # pipeline files
-    case("pipeline-unknown-key", lambda w: w.cmd_run(lambda c: c.update(epochs=3)), "pipeline.yaml: epochs: unknown key"),
+    case("pipeline-unknown-key", lambda w: w.cmd_run(lambda c: c.update(epochs=3)),
+         "pipeline.yaml: epochs: unknown key"),
     case("stage-unknown-key", lambda w: w.cmd_run(stage(0, epoch=2)), "pipeline.yaml: stages[0].epoch: unknown key"),
     case("wrong-type", lambda w: w.cmd_run(_set("data", batch_size="big")),
          "data.batch_size: expected an integer, got 'big'"),
     case("negative-lr", lambda w: w.cmd_run(lambda c: c["stages"][0]["optimizer"].update(lr=-0.1)),
          "stages[0].optimizer.lr: must be > 0"),
-    case("empty-stage-list", lambda w: w.cmd_run(lambda c: c.update(stages=[])), "stages: must hold at least one stage"),
+    case("empty-stage-list", lambda w: w.cmd_run(lambda c: c.update(stages=[])),
+         "stages: must hold at least one stage"),
     case("duplicate-stage", lambda w: w.cmd_run(lambda c: c["stages"].append({"name": "finetune"})),
          "stages[4].name: duplicate stage name 'finetune'"),
     case("bad-yaml", lambda w: ["run", w.file("pipeline.yaml", "name: tiny\nstages: [\n"), "--out", str(w.run)],
          "pipeline.yaml: line 3: not valid YAML"),
-    case("empty-file", lambda w: ["run", w.file("pipeline.yaml", ""), "--out", str(w.run)], "pipeline.yaml: empty file"),
-    case("missing-pipeline", lambda w: ["run", str(w.tmp / "nope.yaml"), "--out", str(w.run)], "nope.yaml: no such file"),
+    case("empty-file", lambda w: ["run", w.file("pipeline.yaml", ""), "--out", str(w.run)],
+         "pipeline.yaml: empty file"),
+    case("missing-pipeline", lambda w: ["run", str(w.tmp / "nope.yaml"), "--out", str(w.run)],
+         "nope.yaml: no such file"),
     case("missing-spec-file", lambda w: w.cmd_run(stage(1, spec="nope.yaml")), "stages[1].spec: no such file"),
     case("missing-data-root", lambda w: w.cmd_run(_set("data", root=str(w.tmp / "nowhere"))),
          "data.root: {tmp}/nowhere is not a directory"),
@@ -165,17 +171,20 @@ CASES = [
          "tracking.wandb.mode: auto took WANDB_MODE='sometimes' from the environment"),
     case("secret-in-config", lambda w: w.cmd_run(lambda c: c.update(tracking={"wandb": {"api_key": "abc"}})),
          "pipeline.yaml: tracking.wandb.api_key: looks like a secret; keys and tokens come from the environment"),
-    case("bad-set", lambda w: w.cmd_run(None, "--set", "data.batch_size"), "--set 'data.batch_size': expected KEY=VALUE"),
+    case("bad-set", lambda w: w.cmd_run(None, "--set", "data.batch_size"),
+         "--set 'data.batch_size': expected KEY=VALUE"),
     case("bad-set-path", lambda w: w.cmd_run(None, "--set", "stages.prune.epochs=2"),
          "--set stages.prune.epochs: no item 'prune'"),
-    case("unknown-stage-option", lambda w: w.cmd_run(None, "--stages", "quantise"), "--stages: no stage named 'quantise'"),
+    case("unknown-stage-option", lambda w: w.cmd_run(None, "--stages", "quantise"),
+         "--stages: no stage named 'quantise'"),
     case("bad-cli-option", lambda w: ["eval", w.ckpt, "--batch-size", "lots"],
          "eval: argument --batch-size: invalid int value: 'lots'"),
     # pipelines that are valid files but do not fit the model or the run directory (data needed)
     case("loosening-stage", lambda w: w.cmd_run(stage(2, spec=LOOSER)),
          "stages[2].spec: keeps 50.0000% of features.3.weight, more than 25.0000% under stages[1] (progressive_prune)",
          data=True),
-    case("spec-matches-nothing", lambda w: w.cmd_run(stage(1, spec={"rules": [{"match": "encoder.*", "prune": {"ratio": 2}}]})),
+    case("spec-matches-nothing",
+         lambda w: w.cmd_run(stage(1, spec={"rules": [{"match": "encoder.*", "prune": {"ratio": 2}}]})),
          "stages[1].spec: rules[0].match: 'encoder.*' matches no", data=True),
     case("wrong-num-classes", lambda w: w.cmd_run(_set("data", root=str(w.five))),
          "dense_pretrain/checkpoint.pt: finished with num_classes 10 (this pipeline: 5)", data=True),
@@ -195,7 +204,8 @@ CASES = [
          "data.batch_size: 100 (the global batch) does not divide over ray.num_workers: 3"),
     case("slurm-impossible-time", lambda w: w.submit(time="10:75:00"),
          "cluster.yaml: slurm.time: minutes and seconds must be 00..59 (got '10:75:00')"),
-    case("slurm-zero-time", lambda w: w.submit(time="0:00"), "cluster.yaml: slurm.time: must be longer than 0 (got '0:00')"),
+    case("slurm-zero-time", lambda w: w.submit(time="0:00"),
+         "cluster.yaml: slurm.time: must be longer than 0 (got '0:00')"),
     case("slurm-zero-nodes", lambda w: w.submit(nodes=0), "cluster.yaml: slurm.nodes: must be >= 1 (got 0)"),
     case("missing-cluster", lambda w: ["run", w.pipeline(), "--cluster", str(w.tmp / "nope.yaml"), "--out", str(w.run)],
          "nope.yaml: no such file"),
@@ -219,8 +229,9 @@ CASES = [
     case("missing-spec", lambda w: ["verify", w.ckpt, "--spec", str(w.tmp / "nope.yaml")], "nope.yaml: no such file"),
     # checkpoints that are not there, or do not fit the data
     case("eval-missing-checkpoint", lambda w: ["eval", str(w.run / "nope.pt")], "nope.pt: no such checkpoint"),
-    case("compress-missing-checkpoint", lambda w: ["compress", str(w.run / "nope.pt"), "--spec", w.file("s.yaml", PRUNE),
-                                                   "--out", str(w.run / "c.pt")], "nope.pt: no such checkpoint"),
+    case("compress-missing-checkpoint",
+         lambda w: ["compress", str(w.run / "nope.pt"), "--spec", w.file("s.yaml", PRUNE),
+                    "--out", str(w.run / "c.pt")], "nope.pt: no such checkpoint"),
     case("verify-missing-checkpoint", lambda w: ["verify", str(w.run / "nope.pt"), "--spec", w.file("s.yaml", PRUNE)],
          "nope.pt: no such checkpoint"),
     case("export-missing-checkpoint", lambda w: ["export", str(w.run / "nope.pt"), "--out", str(w.run / "m.etz")],
@@ -229,7 +240,8 @@ CASES = [
     case("eval-cuda-without-gpu", lambda w: ["eval", w.ckpt, "--device", "cuda"],
          "--device: cuda asked for, but no GPU is visible"),
     case("eval-wrong-num-classes", _eval_five_class_head,
-         "five-class.pt: the model maps 1-channel images to 5 classes; fashion-mnist has 1-channel images of 10 classes",
+         "five-class.pt: the model maps 1-channel images to 5 classes; "
+         "fashion-mnist has 1-channel images of 10 classes",
          data=True),
 ]
 
@@ -240,7 +252,8 @@ def _files(root: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.mark.parametrize("argv,message", CASES)
-def test_bad_input_is_one_line_error_before_work_and_touches_nothing(existing, tmp_path, capsys, monkeypatch, argv, message):
+def test_bad_input_is_one_line_error_before_work_and_touches_nothing(existing, tmp_path, capsys, monkeypatch,
+                                                                      argv, message):
     run, five = existing
     w = Work(run, five, tmp_path)
     args = argv(w)

@@ -12,7 +12,8 @@ from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "configs" / "specs").glob("*.yaml"))
-BUFFERS = {"weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_structured_weight_mask", "quantization_table"}
+BUFFERS = {"weight_mask", "pre_weight_mask", "structured_weight_mask", "pre_structured_weight_mask",
+           "quantization_table"}
 
 
 def _init(tmp_path_factory, name, **kw):
@@ -49,11 +50,13 @@ def test_compress_every_example_spec_and_verify(request, spec, tmp_path, capsys)
     model = spec.stem.split("-")[0]  # every example spec is named after the model it is for
     vgg16 = request.getfixturevalue(model)
     out, rep_path = tmp_path / "c.pt", tmp_path / "c.json"
-    assert main(["compress", str(vgg16), "--spec", str(spec), "--out", str(out), "--report", str(rep_path), "--quiet"]) == 0
+    assert main(["compress", str(vgg16), "--spec", str(spec), "--out", str(out), "--report", str(rep_path),
+                 "--quiet"]) == 0
     assert main(["verify", str(out), "--spec", str(spec)]) == 0
     assert "all constraints hold" in capsys.readouterr().out
     ck = torch.load(out, weights_only=True)
-    assert BUFFERS <= set(ck["elastic_trainer_state_dict"]["model_buffers_state_dict"]) and ck["local_dict"]["epoch"] == 0
+    assert (BUFFERS <= set(ck["elastic_trainer_state_dict"]["model_buffers_state_dict"])
+            and ck["local_dict"]["epoch"] == 0)
     sd = ck["model_state_dict"]
     masks = ck["elastic_trainer_state_dict"]["model_buffers_state_dict"]["weight_mask"]
     for name, m in masks.items():  # compression is baked in: masked entries are exactly 0

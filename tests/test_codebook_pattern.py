@@ -1,7 +1,7 @@
 """Codebook and pattern primitives against hand-computed references."""
 import torch
 
-from elastictrain import codebook, pattern
+from elastictrain.constraints import codebook, pattern
 
 
 def test_kmeans_hand_computed():
@@ -70,7 +70,7 @@ def test_quantize_equals_fit_then_apply_and_keeps_dtype():
 
 
 def test_kept_index_matches_block_view_path():
-    from elastictrain.grid import block_unview, block_view
+    from elastictrain.constraints.grid import block_unview, block_view
     torch.manual_seed(1)
     w4 = torch.randn(8, 6, 3, 3)
     mask4 = torch.rand(8, 6, 3, 3) > 0.7
@@ -87,7 +87,7 @@ def test_kept_index_matches_block_view_path():
 
 def test_kept_index_fast_path_equals_the_general_one():
     """A dense layer with contiguous groups takes views instead of gathers; same values either way."""
-    from elastictrain.codebook import KeptIndex
+    from elastictrain.constraints.codebook import KeptIndex
 
     torch.manual_seed(0)
     w = torch.randn(32, 8, 3, 3)

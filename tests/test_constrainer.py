@@ -2,10 +2,10 @@
 import torch
 from torch import nn
 
-from elastictrain.plan import resolve
-from elastictrain.spec import parse
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import parse
+from elastictrain.constraints.verify import verify
 from elastictrain.train import ADMMConfig, Constrainer, EnforceConfig, OptimConfig, build_optimizer
-from elastictrain.verify import verify
 
 
 class Net(nn.Module):
@@ -18,7 +18,8 @@ class Net(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
-SPEC = {"rules": [{"match": "conv.weight", "prune": {"unit": "kernel", "ratio": 4}, "pattern": {"entries": 4, "patterns": 4},
+SPEC = {"rules": [{"match": "conv.weight", "prune": {"unit": "kernel", "ratio": 4},
+                   "pattern": {"entries": 4, "patterns": 4},
                    "balance": {"filter": 2, "channel": 2}, "quantize": {"bits": 2, "groups": {"filter": 2}}},
                   {"match": "fc.weight", "prune": {"ratio": 10}, "quantize": {"bits": 3}}]}
 
@@ -28,7 +29,8 @@ def setup(method="progressive", steps=60, **kw):
     net = Net()
     plans = resolve(parse(SPEC), {n: tuple(p.shape) for n, p in net.named_parameters()})
     opt = build_optimizer(net, OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-3))
-    c = Constrainer(dict(net.named_parameters()), plans, EnforceConfig(method=method, update_every=5, end=0.5, refit_every=7, **kw), steps)
+    c = Constrainer(dict(net.named_parameters()), plans,
+                    EnforceConfig(method=method, update_every=5, end=0.5, refit_every=7, **kw), steps)
     c.begin(opt)
     return net, plans, opt, c
 
@@ -86,7 +88,8 @@ def test_masks_only_shrink_and_never_revive_an_earlier_stage():
             assert not (b[n] & ~a[n]).any(), "a later mask revived a pruned weight"
     # a following stage starting from this state keeps within the same masks
     state = c.state_dict()
-    c2 = Constrainer(dict(net.named_parameters()), plans, EnforceConfig(method="fixed"), 10, state={"masks": state["masks"], "libraries": state["libraries"]})
+    c2 = Constrainer(dict(net.named_parameters()), plans, EnforceConfig(method="fixed"), 10,
+                     state={"masks": state["masks"], "libraries": state["libraries"]})
     c2.begin(opt)
     for n in state["masks"]:
         assert not (c2.masks[n] & ~state["masks"][n]).any()
@@ -118,7 +121,8 @@ def test_admm_primal_residual_falls_on_a_small_problem():
     plans = resolve(parse({"rules": [{"match": "weight", "prune": {"ratio": 10}}]}), {"weight": (8, 32)})
     opt = torch.optim.SGD(fc.parameters(), lr=0.1)
     c = Constrainer(dict(fc.named_parameters()), plans,
-                    EnforceConfig(method="admm", update_every=10, end=0.9, admm=ADMMConfig(rho=0.05, growth=1.2, rho_max=2.0)), 1000)
+                    EnforceConfig(method="admm", update_every=10, end=0.9,
+                                  admm=ADMMConfig(rho=0.05, growth=1.2, rho_max=2.0)), 1000)
     c.begin(opt)
     residuals = []
     for step in range(900):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from elastictrain.config import ConfigError, build
-from elastictrain.data import BatchLoader, DataConfig, InMemory, load, make_loaders
+from elastictrain.data import Batches, BatchLoader, DataConfig, InMemory, load, make_loaders
 from elastictrain.data.augment import random_crop_flip
 from elastictrain.data.cifar import safe_load
 from elastictrain.data.idx import read_idx
@@ -125,9 +125,10 @@ def toy_split(n: int = 50, c: int = 1, size: int = 28, seed: int = 0) -> InMemor
 
 def loader(split: InMemory, **kw) -> BatchLoader:
     c = split.images.shape[1]
-    args = dict(batch_size=8, device="cpu", train=True, augment=True, hflip=True, mean=[0.5] * c, std=[0.25] * c)
+    args = dict(batch_size=8, train=True, augment=True, hflip=True, mean=(0.5,) * c, std=(0.25,) * c)
     args.update(kw)
-    return BatchLoader(split, **args)
+    device = args.pop("device", "cpu")
+    return BatchLoader(split, Batches(**args), device)
 
 
 def normalized(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -21,19 +21,19 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
-
-from elastictrain import codebook
-from elastictrain.accounting import format_table, report
-from elastictrain.config import ConfigError
-from elastictrain.files import json_safe
-from elastictrain.grid import Grid, as4d, block_view
-from elastictrain.plan import resolve
-from elastictrain.projection import project
-from elastictrain.spec import parse
-from elastictrain.verify import verify
-
 from helpers import coarser_grids, grids, shape4, shapes
+from hypothesis import given
+from hypothesis import strategies as st
+
+from elastictrain.config import ConfigError
+from elastictrain.constraints import codebook
+from elastictrain.constraints.grid import Grid, as4d, block_view
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.projection import project
+from elastictrain.constraints.spec import parse
+from elastictrain.constraints.verify import verify
+from elastictrain.files import json_safe
+from elastictrain.measure.accounting import format_table, report
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*equal counts need whole units")
 
@@ -249,9 +249,11 @@ def test_empty_layer_can_be_exempted_and_is_reported():
 def test_extreme_ratios(kind):
     w = degenerate(kind, (4, 8, 3, 3), 7)
     for prune, kept_units in [({"ratio": 288}, 1), ({"ratio": 1e9}, 1), ({"density": 1e-9}, 1),
-                              ({"unit": "filter", "ratio": 5}, 1), ({"ratio": 1}, 288), ({"unit": "kernel", "ratio": 1}, 32)]:
+                              ({"unit": "filter", "ratio": 5}, 1), ({"ratio": 1}, 288),
+                              ({"unit": "kernel", "ratio": 1}, 32)]:
         _, out, st_ = check({"match": "w", "prune": prune}, {"w": w})
-        assert int(st_["w"].mask.sum()) == kept_units * (288 // {"element": 288, "filter": 4, "kernel": 32}[prune.get("unit", "element")])
+        assert int(st_["w"].mask.sum()) == kept_units * (
+            288 // {"element": 288, "filter": 4, "kernel": 32}[prune.get("unit", "element")])
         if prune.get("ratio") == 1:
             assert torch.equal(out["w"], w)  # keep all: nothing changes
     with pytest.raises(ConfigError, match=r"rules\[0\]\.balance: cannot be met for w: a workload of 2 units keeps 0"):

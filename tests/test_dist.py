@@ -1,9 +1,9 @@
-"""elastictrain.dist: single-process behaviour, then real 2-process gloo runs (spawn, FileStore).
+"""elastictrain.distributed: single-process behaviour, then real 2-process gloo runs (spawn, FileStore).
 
 Each 2-process test launches one pair of processes whose worker runs several checks and returns
 plain data (numpy arrays, strings) through a queue; references are computed here, in the parent,
 where torch.distributed is not initialised — i.e. by the same functions at world size 1 or by
-``select.topk_mask`` on the concatenation. A worker's exception comes back as its traceback text.
+``topk.topk_mask`` on the concatenation. A worker's exception comes back as its traceback text.
 """
 from __future__ import annotations
 
@@ -21,10 +21,21 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from elastictrain.dist import (SparseReducer, Traffic, broadcast_masks, broadcast_tensors, check_identical,
-                               distributed_kmeans, global_kth_largest, global_topk_mask, ordered_keys, pack_bits,
-                               state_fingerprints, unpack_bits)
-from elastictrain.select import topk_mask
+from elastictrain.constraints.topk import topk_mask
+from elastictrain.distributed import (
+    SparseReducer,
+    Traffic,
+    broadcast_masks,
+    broadcast_tensors,
+    check_identical,
+    distributed_kmeans,
+    global_kth_largest,
+    global_topk_mask,
+    ordered_keys,
+    pack_bits,
+    state_fingerprints,
+    unpack_bits,
+)
 
 # --------------------------------------------------------------------------- the 2-process harness
 
@@ -289,7 +300,8 @@ def test_global_threshold_equals_topk_mask_on_the_concatenation(tmp_path):
 def _kmeans_groups() -> tuple[list[list[torch.Tensor]], list[int]]:
     """Per group, the values of rank 0 and of rank 1."""
     g = torch.Generator().manual_seed(11)
-    groups = [[torch.randn(n0, generator=g), torch.randn(n1, generator=g)] for n0, n1 in [(300, 200), (17, 90), (50, 0)]]
+    groups = [[torch.randn(n0, generator=g), torch.randn(n1, generator=g)]
+              for n0, n1 in [(300, 200), (17, 90), (50, 0)]]
     groups.append([torch.empty(0), torch.empty(0)])  # empty everywhere: eps
     groups.append([torch.tensor([-1.0, 1.0, 100.0]), torch.tensor([0.5, -0.5])])  # a zero centroid; 0.5 on rank 1
     lv = (torch.randint(-3, 4, (400,), generator=g) * 0.1)

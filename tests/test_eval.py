@@ -11,10 +11,11 @@ import torch
 
 from elastictrain import checkpoint
 from elastictrain.compress import compress_state_dict
-from elastictrain.data import DataConfig, load as load_data
+from elastictrain.constraints.spec import load as load_spec
+from elastictrain.data import DataConfig
+from elastictrain.data import load as load_data
 from elastictrain.data.loader import make_test_loader
 from elastictrain.models import build_model
-from elastictrain.spec import load as load_spec
 from elastictrain.train import evaluate
 from pipeline.cli import main
 
@@ -60,7 +61,8 @@ def test_seed_format_counts_match_an_independent_count(seed_checkpoint, tmp_path
     assert rep["storage_compression"] < rep["nominal_compression"] / 5  # the honest ratio is far lower
     books = {c["name"]: c for c in rep["codebooks"]["layers"]}
     assert all(c["max_unique"] <= 4 for c in books.values() if not c.get("skipped"))
-    assert "features.0.weight" in books and books["features.0.weight"].get("skipped")  # 3 channels: 4 parts do not divide
+    # 3 channels: 4 parts do not divide
+    assert "features.0.weight" in books and books["features.0.weight"].get("skipped")
     assert "nonzeros" in capsys.readouterr().out
 
 
@@ -140,8 +142,10 @@ def test_eval_errors_are_one_line(tmp_path, capsys, seed_checkpoint):
     cases = [(["eval", str(tmp_path / "missing.pt")], "no such checkpoint"),
              (["eval", str(path), "--data", "fashion-mnist"], "records no model name; pass --model"),
              (["eval", str(path), "--model", "vgg16", "--attacks", "pgd"], "--attacks: needs --data"),
-             (["eval", str(path), "--model", "vgg16", "--data", "fashion-mnist", "--attacks", "cw"], "--attacks: unknown attack 'cw'"),
-             (["eval", str(path), "--model", "resnet20", "--data", "fashion-mnist"], "weights do not fit model 'resnet20'"),
+             (["eval", str(path), "--model", "vgg16", "--data", "fashion-mnist", "--attacks", "cw"],
+              "--attacks: unknown attack 'cw'"),
+             (["eval", str(path), "--model", "resnet20", "--data", "fashion-mnist"],
+              "weights do not fit model 'resnet20'"),
              (["eval", str(path), "--groups", "{filtr: 4}"], "groups.filtr: unknown key")]
     for argv, message in cases:
         assert main(argv) == 2, argv

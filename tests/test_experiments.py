@@ -24,13 +24,15 @@ def test_experiment_validates(path):
 
 def test_seed_table_rows_are_all_there():
     names = {p.stem for p in EXPERIMENTS}
-    for row in ("50x-unstructured", "500x-unstructured", "1000x-unstructured", "100x-kernel", "500x-kernel", "8000x", "16000x"):
+    for row in ("50x-unstructured", "500x-unstructured", "1000x-unstructured", "100x-kernel", "500x-kernel", "8000x",
+                "16000x"):
         assert f"vgg16-cifar10-{row}" in names
 
 
 def test_cluster_configs_load():
     kinds = {p.stem: load_cluster(p).kind for p in (ROOT / "configs" / "clusters").glob("*.yaml")}
-    assert kinds == {"single": "single", "local": "ray", "ray-local": "ray", "slurm-local": "slurm", "slurm-2x8gpu": "slurm"}
+    assert kinds == {"single": "single", "local": "ray", "ray-local": "ray", "slurm-local": "slurm",
+                     "slurm-2x8gpu": "slurm"}
 
 
 def test_bad_cluster_is_named(tmp_path):

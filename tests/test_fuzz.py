@@ -24,15 +24,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from elastictrain import artifact, checkpoint
 from elastictrain.artifact.format import CRC, HEAD, MAX_META
 from elastictrain.compress import compress_state_dict
 from elastictrain.config import ConfigError
+from elastictrain.constraints.spec import Spec, parse
+from elastictrain.constraints.spec import load as load_spec
 from elastictrain.models import build_model
-from elastictrain.spec import Spec, load as load_spec, parse
-from pipeline.cluster import ClusterConfig, load_cluster
+from jobs.cluster import ClusterConfig, load_cluster
 from pipeline.config import PipelineConfig, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +201,8 @@ MIXTURE = {"rules": [
     {"match": "features.0.weight", "quantize": {"bits": 2, "groups": {"filter": 8}}},
     {"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 4}, "pattern": {"entries": 4, "patterns": 8},
      "quantize": {"bits": 2, "groups": {"filter": 16}}},
-    {"match": "classifier.0.weight", "prune": {"ratio": 64}, "balance": {"filter": 16, "channel": 4}, "quantize": {"bits": 3}},
+    {"match": "classifier.0.weight", "prune": {"ratio": 64}, "balance": {"filter": 16, "channel": 4},
+     "quantize": {"bits": 3}},
     {"match": "classifier.3.weight", "prune": {"unit": "filter", "ratio": 2}}]}
 MAX_BYTES = 64 << 20  # the fuzzed loads' ceiling on declared tensor bytes (the model holds ~3.3 MB)
 BOMB = zlib.compress(b" " * (MAX_META + 1), 1)  # metadata that would expand past the reader's limit
@@ -235,8 +238,9 @@ def _split(data: bytes) -> tuple[dict, bytes]:
 
 ETZ_SCALARS = st.one_of(st.integers(-2, 70), st.integers(-2**70, 2**70), st.integers(1 << 20, 1 << 34),
                         st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=8),
-                        st.sampled_from(["float32", "bool", "int64", "bfloat16", "codes", "raw", "all", "none", "bitmap",
-                                         "rel", "gaps", "huffman", "packed", "arange", "element", "unit", "pattern",
+                        st.sampled_from(["float32", "bool", "int64", "bfloat16", "codes", "raw", "all", "none",
+                                         "bitmap", "rel", "gaps", "huffman", "packed", "arange", "element", "unit",
+                                         "pattern",
                                          "support", "derived", "weight", "unit_any"]))
 ETZ_VALUES = st.recursive(ETZ_SCALARS, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
     st.text(max_size=6), inner, max_size=3), max_leaves=8)

@@ -1,11 +1,11 @@
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from helpers import grids, loop_block_view, shape4, shapes
+from hypothesis import given
+from hypothesis import strategies as st
 
 from elastictrain.config import ConfigError
-from elastictrain.grid import Grid, as4d, block_unview, block_view, coarser
-
-from helpers import grids, loop_block_view, shape4, shapes
+from elastictrain.constraints.grid import Grid, as4d, block_unview, block_view, coarser
 
 
 @given(st.data())

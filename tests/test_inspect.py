@@ -1,4 +1,4 @@
-"""elastictrain.inspect (structured / balance / codebook statistics) against hand-computed counts,
+"""elastictrain.measure.structure (structured / balance / codebook statistics) against hand-computed counts,
 and pipeline.plots writing real PNGs."""
 import json
 import math
@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from elastictrain import inspect as ins
 from elastictrain.compress import compress_state_dict
 from elastictrain.config import ConfigError
-from elastictrain.grid import Grid
+from elastictrain.constraints.grid import Grid
+from elastictrain.constraints.spec import load as load_spec
+from elastictrain.measure import structure as ins
 from elastictrain.models import build_model
-from elastictrain.spec import load as load_spec
 
 
 def zero_kernels_conv() -> torch.Tensor:
@@ -129,7 +129,8 @@ def test_summary_json_and_text():
     assert bal["skipped"] == 1 and "channel" in bal["layers"][2]["skipped"]  # 2 does not divide 3 channels
     assert bal["equal"] is False
     (c_bal,) = [r for r in bal["layers"] if r["name"] == "c.weight"]
-    # channels 0-1 non-zeros: filter 0: 9 − 1 (lone zero) + 0 = 8; filter 2: 9; filter 3: 9 → 26; channels 2-3: 9·2·3 − 9 = 45
+    # channels 0-1 non-zeros: filter 0: 9 − 1 (lone zero) + 0 = 8; filter 2: 9; filter 3: 9 → 26;
+    # channels 2-3: 9·2·3 − 9 = 45
     assert (c_bal["min"], c_bal["max"]) == (26, 45)
     assert s["codebooks"]["max_unique"] == 1 and s["codebooks"]["fits_bits"] == 0
     out = ins.format_summary(s)
@@ -175,7 +176,8 @@ def test_density_chart_png(tmp_path):
     s = ins.summary(w)
     fig = plots.density_figure(s)
     (ax,) = fig.axes
-    assert ax.get_yscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["a.weight", "b.weight", "c.weight"]
+    assert (ax.get_yscale() == "log"
+            and [t.get_text() for t in ax.get_xticklabels()] == ["a.weight", "b.weight", "c.weight"])
     assert ax.get_xlabel() == "layer" and ax.get_ylabel().startswith("density")
     heights = [p.get_height() for p in ax.patches]
     assert heights[:2] == [1.0, 0.25] and math.isnan(heights[2])  # the empty layer is a "0" label, not a bar

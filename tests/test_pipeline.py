@@ -1,7 +1,6 @@
 """The staged pipeline end to end on the real Fashion-MNIST files (a small slice of them):
 every stage's output satisfies its spec, reports match an independent recount, reruns skip."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,13 @@ import yaml
 
 from elastictrain import artifact, checkpoint
 from elastictrain.config import ConfigError
-from elastictrain.data import load as load_data, make_loaders
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import parse
+from elastictrain.constraints.verify import verify
+from elastictrain.data import load as load_data
+from elastictrain.data import make_loaders
 from elastictrain.models import build_model
-from elastictrain.plan import resolve
-from elastictrain.spec import parse
 from elastictrain.train import evaluate
-from elastictrain.verify import verify
 from pipeline.cli import main
 from pipeline.config import load_cluster, load_pipeline
 from pipeline.runner import run_pipeline
@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ROOT / "configs" / "clusters" / "single.yaml"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make test does it)")
+                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist "
+                                       "(make test does it)")
 
-PRUNE = {"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 4}, "pattern": {"entries": 4, "patterns": 8}},
+PRUNE = {"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 4},
+                    "pattern": {"entries": 4, "patterns": 8}},
                    {"match": "classifier.0.weight", "prune": {"ratio": 20}, "balance": {"filter": 16, "channel": 4}},
                    {"match": "classifier.3.weight", "prune": {"ratio": 2}}]}
 MIXTURE = {"rules": [{**r, "quantize": {"bits": 2, "groups": {"filter": 16}}} for r in PRUNE["rules"][:2]]
@@ -146,7 +148,8 @@ def test_a_stage_that_loosens_the_previous_one_is_refused_before_training(tmp_pa
     cfg = yaml.safe_load(path.read_text())
     cfg["stages"][2]["spec"] = loose
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ConfigError, match=r"stages\[2\].spec: keeps .* under stages\[1\] \(progressive_prune\) \(a later stage may only tighten\)"):
+    with pytest.raises(ConfigError, match=r"stages\[2\].spec: keeps .* under stages\[1\] \(progressive_prune\) "
+                                          r"\(a later stage may only tighten\)"):
         run_pipeline(load_pipeline(path), load_cluster(SINGLE), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -185,7 +188,8 @@ def test_overrides_address_stages_by_name_index_and_star():
 
 @pytest.mark.parametrize("override,message", [
     ("epochs", "--set 'epochs': expected KEY=VALUE"),
-    ("stages.prune.epochs=1", "--set stages.prune.epochs: no item 'prune' in the list (names: dense_pretrain, progressive_prune, quantize, finetune)"),
+    ("stages.prune.epochs=1", "--set stages.prune.epochs: no item 'prune' in the list "
+                              "(names: dense_pretrain, progressive_prune, quantize, finetune)"),
     ("data.batch_size.x=1", "--set data.batch_size.x: 'batch_size' holds 100, not a mapping"),
     ("data.batch_sise=64", "data.batch_sise: unknown key"),
     ("stages.quantize.epochs=zero", "stages[2].epochs: expected an integer, got 'zero'"),
@@ -216,7 +220,8 @@ ZERO3 = str(Path(__file__).resolve().parents[1] / "configs/specs/smallcnn-zero3-
 
 @pytest.mark.parametrize("cluster,edit,message", [
     ({"deepspeed": {"precision": "fp16"}}, None, "deepspeed.precision: fp16 is not supported"),
-    ({"deepspeed": {"zero_stage": 3}}, None, "stages[1].spec: rules[0].pattern on features.3.weight: pattern pruning picks positions "
+    ({"deepspeed": {"zero_stage": 3}}, None, "stages[1].spec: rules[0].pattern on features.3.weight: "
+                                             "pattern pruning picks positions "
                                              "inside kernels, which ZeRO-3 slices can cut"),
     ({"deepspeed": {"zero_stage": 3}}, lambda c: [c["stages"][1].update(spec=ZERO3, enforce={"method": "admm"}),
                                                   c["stages"].pop(2)],

@@ -3,16 +3,16 @@ independent ``verify`` and by direct counts), is idempotent, and — for unstruc
 structured pruning — keeps exactly the largest units."""
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
-
-from elastictrain.grid import Grid, block_view
-from elastictrain.plan import resolve
-from elastictrain.projection import project
-from elastictrain.select import keep_count
-from elastictrain.spec import parse
-from elastictrain.verify import verify
-
 from helpers import coarser_grids, grids, largest_kept, loop_block_view, shape4, shapes, weights
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from elastictrain.constraints.grid import Grid, block_view
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.projection import project
+from elastictrain.constraints.spec import parse
+from elastictrain.constraints.topk import keep_count
+from elastictrain.constraints.verify import verify
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*equal counts need whole units")
 

@@ -13,15 +13,16 @@ import torch
 import yaml
 
 from elastictrain import checkpoint
-from elastictrain.plan import resolve
-from elastictrain.spec import load as load_spec
-from elastictrain.verify import verify
-from pipeline.config import load_cluster, load_pipeline
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import load as load_spec
+from elastictrain.constraints.verify import verify
+from pipeline.config import ClusterConfig, load_cluster, read_pipeline
 from pipeline.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_file(),
+                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 PRUNE = str(ROOT / "configs/specs/smallcnn-prune.yaml")
 MIXTURE = str(ROOT / "configs/specs/smallcnn-mixture.yaml")
 
@@ -43,7 +44,7 @@ def test_local_ray_binds_to_loopback(ray_instance):
     assert dashboard.startswith("127.0.0.1:"), dashboard
 
 
-def cluster(tmp: Path, zero: int, sparse: bool = False) -> "ClusterConfig":
+def cluster(tmp: Path, zero: int, sparse: bool = False) -> ClusterConfig:
     path = tmp / f"zero{zero}.yaml"
     path.write_text(yaml.safe_dump({
         "name": f"test-zero{zero}", "kind": "ray", "device": "cpu", "threads": 1,
@@ -54,7 +55,8 @@ def cluster(tmp: Path, zero: int, sparse: bool = False) -> "ClusterConfig":
 
 def pipeline(tmp: Path, model="smallcnn", stages=None, batch=100, augment=True, tracking=None) -> Path:
     cfg = {"name": "raytest", "seed": 0, "model": {"name": model}, **({"tracking": tracking} if tracking else {}),
-           "data": {"name": "fashion-mnist", "batch_size": batch, "limit_train": 2000, "limit_test": 1000, "augment": augment},
+           "data": {"name": "fashion-mnist", "batch_size": batch, "limit_train": 2000, "limit_test": 1000,
+                    "augment": augment},
            "stages": stages or [
                {"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.05}},
                {"name": "progressive_prune", "epochs": 1, "spec": PRUNE, "optimizer": {"lr": 0.02},
@@ -67,7 +69,8 @@ def pipeline(tmp: Path, model="smallcnn", stages=None, batch=100, augment=True, 
 
 
 def run(path: Path, clu, out: Path, only=None):
-    return run_pipeline(load_pipeline(path), clu, out, only=only, log=lambda s: None, pipeline_path=path)
+    source = read_pipeline(path)
+    return run_pipeline(source.cfg, clu, out, only=only, log=lambda s: None, source=source)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,8 @@ def test_only_rank_0_tracks(zero2_run):
     tmp, _, reports = zero2_run
     runs = [read_run(f) for f in sorted((tmp / "out" / "wandb").glob("offline-run-*/run-*.wandb"))]
     assert sorted(r["run"]["job_type"] for r in runs) == ["dense_pretrain", "progressive_prune", "quantize"]
-    for r, rep in zip(sorted(runs, key=lambda r: ["dense_pretrain", "progressive_prune", "quantize"].index(r["run"]["job_type"])), reports):
+    for r, rep in zip(sorted(runs, key=lambda r: ["dense_pretrain", "progressive_prune", "quantize"].index(
+            r["run"]["job_type"])), reports):
         assert r["config"]["world_size"] == 2 and r["config"]["cluster"]["ray"]["num_workers"] == 2
         assert [h["test/top1"] for h in r["history"] if "test/top1" in h] == [pytest.approx(rep["top1"])]
         # 20 global steps of 100 images (50 per worker), logged every 5 — once, not once per worker
@@ -128,7 +132,8 @@ def test_zero0_with_sparse_reduction_agrees_with_zero2(zero2_run):
 
 LENET_STAGES = [{"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.01, "momentum": 0.0}},
                 {"name": "progressive_prune", "epochs": 1, "spec": str(ROOT / "configs/specs/lenet5-test.yaml"),
-                 "optimizer": {"lr": 0.01, "momentum": 0.0}, "enforce": {"method": "progressive", "update_every": 5, "end": 0.5}}]
+                 "optimizer": {"lr": 0.01, "momentum": 0.0},
+                 "enforce": {"method": "progressive", "update_every": 5, "end": 0.5}}]
 
 
 @pytest.fixture(scope="module")

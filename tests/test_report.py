@@ -14,19 +14,21 @@ import yaml
 
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError
-from elastictrain.plan import resolve
-from elastictrain.spec import parse
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import parse
 from pipeline.cli import main
-from pipeline.config import load_cluster, load_pipeline
+from pipeline.config import load_cluster, read_pipeline
 from pipeline.report import run_report, write_stage_tables
 from pipeline.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make test does it)")
+                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist "
+                                       "(make test does it)")
 STAGES = ["dense_pretrain", "progressive_prune", "quantize", "finetune"]
-PRUNE = {"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 4}, "pattern": {"entries": 4, "patterns": 8}},
+PRUNE = {"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 4},
+                    "pattern": {"entries": 4, "patterns": 8}},
                    {"match": "classifier.0.weight", "prune": {"ratio": 20}, "balance": {"filter": 16, "channel": 4}},
                    {"match": "classifier.3.weight", "nm": "2:4"}]}
 MIXTURE = {"rules": [{**r, "quantize": {"bits": 2, "groups": {"filter": 16}}} for r in PRUNE["rules"][:2]]
@@ -44,13 +46,15 @@ def run(tmp_path_factory):
            "stages": [{"name": "dense_pretrain", "epochs": 1, "optimizer": {"lr": 0.05}},
                       {"name": "progressive_prune", "epochs": 1, "spec": PRUNE, "optimizer": {"lr": 0.02},
                        "enforce": {"method": "progressive", "update_every": 3, "end": 0.7}},
-                      {"name": "quantize", "epochs": 1, "spec": MIXTURE, "optimizer": {"lr": 0.01, "weight_decay": 0.0}},
+                      {"name": "quantize", "epochs": 1, "spec": MIXTURE,
+                       "optimizer": {"lr": 0.01, "weight_decay": 0.0}},
                       {"name": "finetune", "epochs": 1, "optimizer": {"lr": 0.002, "weight_decay": 0.0},
                        "adversarial": {"attack": {"kind": "fgsm"}, "eval_images": 100}}]}
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    run_pipeline(load_pipeline(path), load_cluster(ROOT / "configs/clusters/single.yaml"), tmp / "out",
-                 pipeline_path=path, log=lambda s: None)
+    source = read_pipeline(path)
+    run_pipeline(source.cfg, load_cluster(ROOT / "configs/clusters/single.yaml"), tmp / "out", source=source,
+                 log=lambda s: None)
     return tmp / "out"
 
 
@@ -66,7 +70,8 @@ def test_layer_table_matches_a_recount_from_the_checkpoint(run, stage):
     table = pq.read_table(run / stage / "layers.parquet")
     assert table.schema.metadata[b"format"] == b"elastictrain.layers/1"
     rows = {r["name"]: r for r in table.to_pylist()}
-    expected = set() if stage == "dense_pretrain" else {"features.3.weight", "classifier.0.weight", "classifier.3.weight"}
+    expected = (set() if stage == "dense_pretrain"
+                else {"features.3.weight", "classifier.0.weight", "classifier.3.weight"})
     assert set(rows) == expected  # one row per constrained layer; features.0 is free
     for name, r in rows.items():
         w = sd[name]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,8 @@ from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_file(),
+                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 PRUNE = str(ROOT / "configs/specs/smallcnn-prune.yaml")
 MIXTURE = str(ROOT / "configs/specs/smallcnn-mixture.yaml")
 

@@ -1,4 +1,4 @@
-"""elastictrain.robust: attacks stay in the ε-ball and the image range, ascend the loss, leave the
+"""elastictrain.train.attacks: attacks stay in the ε-ball and the image range, ascend the loss, leave the
 parameters' gradients (and the constrainer's hooks) alone; adversarial training buys PGD accuracy."""
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import yaml
 from torch import nn
 
 from elastictrain import checkpoint
-from elastictrain.data import load as load_data, make_loaders
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import parse
+from elastictrain.data import load as load_data
+from elastictrain.data import make_loaders
 from elastictrain.models import build_model
-from elastictrain.plan import resolve
-from elastictrain.robust import AdversarialConfig, AttackConfig, attack, parse_attacks, robust_accuracy
-from elastictrain.spec import parse
 from elastictrain.train import Constrainer, EnforceConfig
+from elastictrain.train.attacks import AdversarialConfig, AttackConfig, attack, parse_attacks, robust_accuracy
 
 MEAN, STD = (0.3, 0.5), (0.2, 0.25)
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -23,7 +24,8 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 def _setup(seed=0):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 5))
     x_pix = torch.rand(16, 2, 8, 8)
     m, s = torch.tensor(MEAN).view(1, 2, 1, 1), torch.tensor(STD).view(1, 2, 1, 1)
     return model, (x_pix - m) / s, torch.randint(0, 5, (16,)), x_pix, m, s
@@ -59,7 +61,8 @@ def test_fgsm_is_one_signed_step_of_eps():
 def test_attack_leaves_parameter_gradients_and_constrainer_hooks_alone():
     model, x, y, *_ = _setup(2)
     params = dict(model.named_parameters())
-    plans = resolve(parse({"rules": [{"match": "0.weight", "prune": {"ratio": 2}}]}), {n: tuple(p.shape) for n, p in params.items()})
+    plans = resolve(parse({"rules": [{"match": "0.weight", "prune": {"ratio": 2}}]}),
+                    {n: tuple(p.shape) for n, p in params.items()})
     c = Constrainer(params, plans, EnforceConfig(method="fixed"), 10)
     c.begin()
     calls = []
@@ -75,7 +78,8 @@ def test_parse_attacks():
         parse_attacks("fgsm,cw")
 
 
-@pytest.mark.parametrize("field,value,message", [("beta", 0.0, "beta: must be in (0, 1]"), ("beta", 1.5, "beta: must be in (0, 1]"),
+@pytest.mark.parametrize("field,value,message", [("beta", 0.0, "beta: must be in (0, 1]"),
+                                                 ("beta", 1.5, "beta: must be in (0, 1]"),
                                                  ("eval_images", -1, "eval_images: must be >= 0")])
 def test_adversarial_config_errors(field, value, message):
     from elastictrain.config import ConfigError, build
@@ -96,17 +100,21 @@ def test_adversarial_training_buys_pgd_accuracy(tmp_path):
     root = Path(__file__).resolve().parents[1]
     data = {"name": "fashion-mnist", "batch_size": 100, "limit_train": 4000, "limit_test": 500}
     out = {}
-    for name, adv in (("clean", None), ("robust", {"beta": 0.5, "attack": {"kind": "fgsm", "eps": 0.1}, "eval_images": 500})):
+    for name, adv in (("clean", None),
+                      ("robust", {"beta": 0.5, "attack": {"kind": "fgsm", "eps": 0.1}, "eval_images": 500})):
         stage = {"name": "dense_pretrain", "epochs": 2, "optimizer": {"lr": 0.05}}
         if adv:
             stage["adversarial"] = adv
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"name": name, "seed": 0, "model": {"name": "smallcnn"}, "data": data, "stages": [stage]}))
+        path.write_text(yaml.safe_dump({"name": name, "seed": 0, "model": {"name": "smallcnn"}, "data": data,
+                                        "stages": [stage]}))
         cfg = load_pipeline(path)
-        rep = run_pipeline(cfg, load_cluster(root / "configs/clusters/single.yaml"), tmp_path / name, log=lambda s: None)[0]
+        rep = run_pipeline(cfg, load_cluster(root / "configs/clusters/single.yaml"), tmp_path / name,
+                           log=lambda s: None)[0]
         b = load_data(cfg.data)
         model = build_model("smallcnn", num_classes=10, in_channels=1)
-        model.load_state_dict(checkpoint.model_state(checkpoint.load(tmp_path / name / "dense_pretrain" / "checkpoint.pt")))
+        model.load_state_dict(checkpoint.model_state(
+            checkpoint.load(tmp_path / name / "dense_pretrain" / "checkpoint.pt")))
         _, test = make_loaders(b, cfg.data, torch.device("cpu"), seed=0)
         out[name] = (rep, robust_accuracy(model, test, PGD, b.mean, b.std)["accuracy"])
     (clean_rep, clean_pgd), (robust_rep, robust_pgd) = out["clean"], out["robust"]

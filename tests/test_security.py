@@ -26,13 +26,14 @@ from elastictrain.checkpoint import UnsafeCheckpoint
 from elastictrain.data import cifar
 from elastictrain.models import build_model
 from elastictrain.train.loop import TorchStepper
+from jobs.cluster import RayConfig, load_cluster
 from pipeline import resume
 from pipeline.cli import main
-from pipeline.cluster import RayConfig, load_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_data = pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+needs_data = pytest.mark.skipif(not FMNIST.is_file(),
+                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 
 
 # --- (a) pickled callables --------------------------------------------------------------------------
@@ -154,7 +155,8 @@ def test_the_cifar_unpickler_refuses_callables(tmp_path):
 def test_the_cifar_unpickler_allows_only_what_the_files_need():
     """Pinned: numpy's array reconstruction and the byte-string helpers, nothing that runs code
     or reaches another module. Widening this list is a security decision, made here."""
-    assert set(cifar._ALLOWED) == {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    assert set(cifar._ALLOWED) == {("numpy.core.multiarray", "_reconstruct"),
+                                   ("numpy._core.multiarray", "_reconstruct"),
                                    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
                                    ("__builtin__", "bytes"), ("builtins", "bytes")}
     assert cifar.SafeUnpickler.find_class is not pickle.Unpickler.find_class
@@ -225,7 +227,8 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
             problems.append(f"{at}: numpy.load with allow_pickle")
         elif name == "yaml.load" and full(kw.get("Loader")) not in ("yaml.SafeLoader", "yaml.CSafeLoader"):
             problems.append(f"{at}: yaml.load without a safe Loader")
-        elif (isinstance(node.func, ast.Attribute) and node.func.attr == "load" and isinstance(node.func.value, ast.Call)
+        elif (isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+              and isinstance(node.func.value, ast.Call)
               and isinstance(node.func.value.func, ast.Name) and node.func.value.func.id not in restricted
               and full(node.func.value.func).endswith("Unpickler")):
             problems.append(f"{at}: {full(node.func.value.func)}(…).load() is not a restricted unpickler")
@@ -240,7 +243,8 @@ def test_every_load_in_our_source_is_weights_only_or_restricted():
     problems = [p for path in SOURCES for p in unsafe_loads(path.read_text(), str(path.relative_to(ROOT)))]
     assert problems == []
     # the checker sees the loads that are there (so an empty list above means something)
-    found = [p for path in SOURCES for p in unsafe_loads(path.read_text().replace("weights_only=True", "weights_only=False"))]
+    found = [p for path in SOURCES
+             for p in unsafe_loads(path.read_text().replace("weights_only=True", "weights_only=False"))]
     assert len(found) >= 2
 
 
@@ -320,7 +324,8 @@ def test_cluster_configs_that_start_servers_bind_loopback():
     ("kind: ray\nray:\n  address: local\n  dashboard_host: 0.0.0.0   # reachable from the lab VPN on purpose\n", False),
     ("kind: ray\nray: {address: 127.0.0.1:6379, dashboard_host: 0.0.0.0}\n", False),  # starts nothing
     ("kind: slurm\nslurm:\n  nodes: 2\n  setup: ['export DASHBOARD_HOST=0.0.0.0']\n", True),
-    ("kind: slurm\nslurm:\n  nodes: 2\n  setup:\n    - export DASHBOARD_HOST=0.0.0.0  # behind the site firewall\n", False),
+    ("kind: slurm\nslurm:\n  nodes: 2\n  setup:\n"
+     "    - export DASHBOARD_HOST=0.0.0.0  # behind the site firewall\n", False),
 ])
 def test_the_binding_check_flags_what_it_should(tmp_path, text, flagged):
     path = tmp_path / "c.yaml"

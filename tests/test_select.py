@@ -1,7 +1,8 @@
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from elastictrain.select import keep_count, topk_mask
+from elastictrain.constraints.topk import keep_count, topk_mask
 
 
 def reference_topk(row: torch.Tensor, k: int) -> torch.Tensor:

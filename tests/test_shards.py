@@ -1,4 +1,4 @@
-"""elastictrain.dist.shards: the projection on ZeRO-3 slices equals the one on whole weights.
+"""elastictrain.distributed.shards: the projection on ZeRO-3 slices equals the one on whole weights.
 
 References are computed in the parent: ``projection.project`` on the whole weights (masks, bit for
 bit) and ``project_shards`` at world size 1 on one slice holding everything (codebooks — the
@@ -9,28 +9,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import divisors
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from elastictrain.dist.shards import Shard, ShardKept, block_ids, check_shardable, project_shards
-from elastictrain.grid import block_view
-from elastictrain.plan import resolve
-from elastictrain.projection import project
-from elastictrain.spec import parse
-from elastictrain.verify import verify
-from helpers import divisors
 from test_dist import run2
+
+from elastictrain.constraints.grid import block_view
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.projection import project
+from elastictrain.constraints.spec import parse
+from elastictrain.constraints.verify import verify
+from elastictrain.distributed.shards import Shard, ShardKept, block_ids, check_shardable, project_shards
 
 SHAPES = {"c1.weight": (16, 8, 3, 3), "c2.weight": (16, 16, 3, 3), "c3.weight": (32, 16, 3, 3),
           "fc1.weight": (24, 64), "fc2.weight": (10, 24)}
 SPECS = {
     "unstructured": {"rules": [{"match": "*", "prune": {"ratio": 7}}]},
-    "kernel+filter": {"rules": [{"match": "c*", "prune": [{"unit": "filter", "ratio": 2}, {"unit": "kernel", "ratio": 3}]},
-                                {"match": "fc*", "prune": {"unit": "channel", "ratio": 2}}]},
+    "kernel+filter": {"rules": [
+        {"match": "c*", "prune": [{"unit": "filter", "ratio": 2}, {"unit": "kernel", "ratio": 3}]},
+        {"match": "fc*", "prune": {"unit": "channel", "ratio": 2}}]},
     "pooled": {"rules": [{"match": "c*", "prune": {"ratio": 5, "scope": "global", "pool": "convs"}},
                          {"match": "fc*", "prune": {"unit": "filter", "ratio": 2, "scope": "global"}}]},
-    "balanced kernels": {"rules": [{"match": "c*", "prune": {"unit": "kernel", "ratio": 4}, "balance": {"filter": 4, "channel": 2}},
-                                   {"match": "fc*", "prune": {"ratio": 3}}]},
+    "balanced kernels": {"rules": [
+        {"match": "c*", "prune": {"unit": "kernel", "ratio": 4}, "balance": {"filter": 4, "channel": 2}},
+        {"match": "fc*", "prune": {"ratio": 3}}]},
     "mixture+2bit": {"rules": [{"match": "c*", "prune": [{"unit": "kernel", "ratio": 2}, {"ratio": 3}],
                                 "quantize": {"bits": 2, "groups": {"filter": 4, "channel": 2}}},
                                {"match": "fc*", "prune": {"ratio": 4}, "quantize": {"bits": 3, "method": "uniform"}}]},
@@ -96,8 +98,9 @@ def test_two_ranks_match_whole_weights(tmp_path, uneven):
             assert np.array_equal(values, one_out[n].numpy()), (spec, n)
             if plans[n].quantize is None:
                 assert np.array_equal(values, whole_out[n].reshape(-1).numpy()), (spec, n)
-        assert verify(plans, {n: torch.from_numpy(np.concatenate([ranks[0][n]["values"], ranks[1][n]["values"]])).view(SHAPES[n])
-                              for n in plans}) == []
+        joined = {n: torch.from_numpy(np.concatenate([ranks[0][n]["values"], ranks[1][n]["values"]])).view(SHAPES[n])
+                  for n in plans}
+        assert verify(plans, joined) == []
 
 
 @given(st.sampled_from(list(SHAPES.values())), st.data())
@@ -116,7 +119,7 @@ def test_block_ids_are_block_view_rows(shape, data):
 
 def test_shard_kept_quantizes_like_the_whole_weight():
     """One slice holding everything: ShardKept's codes and values equal KeptIndex's for the same codebook."""
-    from elastictrain.codebook import KeptIndex
+    from elastictrain.constraints.codebook import KeptIndex
 
     w = _weights()["c3.weight"]
     mask = w.abs() > 0.7
@@ -129,7 +132,8 @@ def test_shard_kept_quantizes_like_the_whole_weight():
 
 
 @pytest.mark.parametrize("rule, what", [
-    ({"match": "c1.weight", "prune": {"unit": "kernel", "ratio": 2}, "pattern": {"entries": 4, "patterns": 4}}, "pattern"),
+    ({"match": "c1.weight", "prune": {"unit": "kernel", "ratio": 2}, "pattern": {"entries": 4, "patterns": 4}},
+     "pattern"),
     ({"match": "c1.weight", "nm": "2:4"}, "N:M"),
     ({"match": "c1.weight", "prune": {"ratio": 4}, "balance": {"filter": 4}}, "balanced"),
 ])

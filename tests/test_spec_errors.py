@@ -2,8 +2,8 @@
 import pytest
 
 from elastictrain.config import ConfigError
-from elastictrain.plan import resolve
-from elastictrain.spec import parse
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import parse
 
 SHAPES = {"features.0.weight": (64, 3, 3, 3), "features.1.weight": (64,), "features.3.weight": (64, 64, 3, 3),
           "classifier.weight": (10, 64), "classifier.bias": (10,)}
@@ -31,7 +31,8 @@ CASES = [
     (rule(quantize={"bits": 2, "method": "lloyd"}), "rules[0].quantize.method: must be one of"),
     (rule(quantize={"bits": 2, "groups": {"filter": 0}}), "rules[0].quantize.groups.filter: must be"),
     (rule(pattern={"entries": 0}), "rules[0].pattern.entries: must be >= 1"),
-    (rule(pattern={"entries": 2, "patterns": 1, "library": [[0, 1], [1, 2]]}), "rules[0].pattern.library: holds 2 patterns"),
+    (rule(pattern={"entries": 2, "patterns": 1, "library": [[0, 1], [1, 2]]}),
+     "rules[0].pattern.library: holds 2 patterns"),
     (rule(nm="2-4"), "rules[0].nm: expected 'N:M'"),
     (rule(nm="5:4"), "rules[0].nm.n: must satisfy 1 <= n <= m"),
     (rule(balance={"filter": 4}), "rules[0].balance: needs a prune step"),
@@ -48,19 +49,24 @@ RESOLVE_CASES = [
      "rules[0].balance.channel: 4 parts do not divide the channel axis of features.0.weight (size 3)"),
     ({"rules": [{"match": "features.3.weight", "prune": {"ratio": 2, "unit": {"filter": 5}}}]},
      "rules[0].prune.unit.filter: 5 parts do not divide"),
-    ({"rules": [{"match": "features.3.weight", "prune": {"ratio": 10000, "unit": "kernel"}, "balance": {"filter": 16, "channel": 4}}]},
+    ({"rules": [{"match": "features.3.weight", "prune": {"ratio": 10000, "unit": "kernel"},
+                 "balance": {"filter": 16, "channel": 4}}]},
      "rules[0].balance: cannot be met for features.3.weight"),
     ({"rules": [{"match": "features.3.weight", "prune": {"ratio": 2, "unit": "filter"}, "balance": {"channel": 4}}]},
      "rules[0].balance: workloads"),
-    ({"rules": [{"match": "classifier.weight", "pattern": {"entries": 2}}]}, "rules[0].pattern: classifier.weight is a linear weight"),
-    ({"rules": [{"match": "features.3.weight", "pattern": {"entries": 10}}]}, "rules[0].pattern.entries: 10 > 9 positions"),
-    ({"rules": [{"match": "features.3.weight", "pattern": {"entries": 1, "library": [[9]]}}]}, "rules[0].pattern.library[0]: position 9 outside"),
+    ({"rules": [{"match": "classifier.weight", "pattern": {"entries": 2}}]},
+     "rules[0].pattern: classifier.weight is a linear weight"),
+    ({"rules": [{"match": "features.3.weight", "pattern": {"entries": 10}}]},
+     "rules[0].pattern.entries: 10 > 9 positions"),
+    ({"rules": [{"match": "features.3.weight", "pattern": {"entries": 1, "library": [[9]]}}]},
+     "rules[0].pattern.library[0]: position 9 outside"),
     ({"rules": [{"match": "classifier.weight", "nm": "2:3"}]}, "rules[0].nm: m=3 does not divide"),
     ({"rules": [{"match": "features.0.weight", "prune": {"ratio": 2, "scope": "global", "pool": "p"}},
                 {"match": "*.weight", "prune": {"ratio": 3, "scope": "global", "pool": "p"}}]},
      "rules[1].prune.pool: pool 'p' keeps 3× here but 2× at rules[0].prune"),
     ({"rules": [{"match": "*.weight", "prune": {"ratio": 2}}, {"match": "classifier.weight", "prune": {"ratio": 3}}]},
-     "rules[1].match: 'classifier.weight' matches no conv/linear parameter (or only ones an earlier rule already took)"),
+     "rules[1].match: 'classifier.weight' matches no conv/linear parameter "
+     "(or only ones an earlier rule already took)"),
 ]
 
 
@@ -85,5 +91,6 @@ def test_good_spec_resolves_first_matching_rule_and_skips_1d_params():
 def test_balance_that_moves_the_ratio_warns_naming_layer():
     spec = parse({"rules": [{"match": "features.3.weight", "prune": {"unit": "kernel", "ratio": 100},
                              "balance": {"filter": 16, "channel": 4}}]})
-    with pytest.warns(UserWarning, match=r"rules\[0\].balance: features.3.weight keeps 1 of 64 units per workload, 64× instead of 100×"):
+    with pytest.warns(UserWarning, match=r"rules\[0\].balance: features.3.weight keeps 1 of 64 units per workload, "
+                                         r"64× instead of 100×"):
         resolve(spec, SHAPES)

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from elastictrain.config import ConfigError
+from jobs.cluster import load_cluster
 from pipeline.cli import main
-from pipeline.cluster import load_cluster
 from pipeline.submit import status, submit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,8 @@ def _wait(run_dir: Path, timeout: float = 400) -> list[dict]:
     end = time.monotonic() + timeout
     while True:
         rows = status(run_dir, log=lambda s: None)
-        if all(r["state"] in ("FINISHED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") for r in rows):
+        if all(r["state"] in ("FINISHED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+               for r in rows):
             return rows
         if time.monotonic() > end:
             pytest.fail(f"jobs did not finish in {timeout} s: {rows}")
@@ -94,7 +95,8 @@ def test_chained_jobs_failure_cancels_the_rest_and_resubmission_finishes(slurm, 
     clu.write_text(yaml.safe_dump({"name": "single1", "kind": "single", "device": "cpu", "threads": 1}))
     assert main(["run", str(QUICKSTART), "--cluster", str(clu), "--out", str(local)]
                 + [a for o in FAST for a in ("--set", o)]) == 0
-    assert (local / "pipeline.yaml").read_text().split("\n", 1)[1] == (run_dir / "pipeline.yaml").read_text().split("\n", 1)[1]
+    assert ((local / "pipeline.yaml").read_text().split("\n", 1)[1]
+            == (run_dir / "pipeline.yaml").read_text().split("\n", 1)[1])
     a = json.loads((run_dir / "finetune" / "report.json").read_text())
     b = json.loads((local / "finetune" / "report.json").read_text())
     for key in ("top1", "top5", "nonzeros", "nominal_compression", "storage_bits", "artifact_weights_bytes"):
@@ -133,7 +135,8 @@ def test_2x8gpu_scripts_pass_sbatch_test_only(slurm, tmp_path):
     from jobs.slurm import render, sbatch
 
     for _ in range(60):  # the advertised GPU nodes register a few seconds after the controller starts
-        if subprocess.run(["sinfo", "-h", "-p", "gpu", "-o", "%t"], capture_output=True, text=True).stdout.split() == ["idle"]:
+        if subprocess.run(["sinfo", "-h", "-p", "gpu", "-o", "%t"],
+                          capture_output=True, text=True).stdout.split() == ["idle"]:
             break
         time.sleep(1)
     cluster = load_cluster(ROOT / "configs/clusters/slurm-2x8gpu.yaml")
@@ -167,7 +170,8 @@ def test_dry_run_renders_without_submitting(tmp_path, capsys):
     ({"kind": "slurm", "slurm": {"nodes": 0}}, "slurm.nodes: must be >= 1"),
     ({"kind": "slurm", "slurm": {"time": "forever"}}, "slurm.time: must be [D-]HH[:MM[:SS]]"),
     ({"kind": "slurm", "slurm": {"sbatch": ["exclusive"]}}, "slurm.sbatch[0]: must be one sbatch option"),
-    ({"kind": "slurm", "slurm": {"gpus_per_node": 8, "workers_per_node": 3}}, "slurm.workers_per_node: 3 ranks cannot share 8 GPUs"),
+    ({"kind": "slurm", "slurm": {"gpus_per_node": 8, "workers_per_node": 3}},
+     "slurm.workers_per_node: 3 ranks cannot share 8 GPUs"),
     ({"kind": "slurm", "slurm": {}, "ray": {}}, "ray: a slurm cluster starts its own Ray"),
     ({"kind": "ray", "slurm": {}}, "slurm: only kind: slurm takes a slurm section"),
     ({"kind": "ray", "ray": {}}, "submit needs kind: slurm, or kind: ray with ray.job_server"),

@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from wandb_file import read_run
 
 from pipeline.cli import main
-from wandb_file import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_file(),
+                                reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 QUICKSTART = ROOT / "configs/experiments/quickstart.yaml"
 FAST = ["data.limit_train=1200", "data.limit_test=400", "data.batch_size=100", "stages.*.epochs=1",
         "stages.dense_pretrain.epochs=2", "stages.progressive_prune.enforce.update_every=3",
@@ -130,7 +131,8 @@ def test_no_secret_anywhere_in_the_run_directory(offline_run):
 def test_disabled_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "run"
-    assert main(["run", str(QUICKSTART), "--cluster", str(SINGLE), "--out", str(out), "--set", "stages=[{name: dense_pretrain}]",
+    assert main(["run", str(QUICKSTART), "--cluster", str(SINGLE), "--out", str(out),
+                 "--set", "stages=[{name: dense_pretrain}]",
                  "--set", "data.limit_train=200", "--set", "data.limit_test=100"]) == 0
     assert (out / "dense_pretrain" / "report.json").is_file()
     assert not (out / "wandb").exists() and not (out / "tracking.json").exists()

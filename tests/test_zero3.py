@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 import numpy as np
+import pytest
 import torch
-
-from elastictrain.plan import resolve
-from elastictrain.spec import load
 from test_dist import run2
+
+from elastictrain.constraints.plan import resolve
+from elastictrain.constraints.spec import load
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "configs/specs/smallcnn-zero3-mixture.yaml"
@@ -28,45 +27,57 @@ SPEC = ROOT / "configs/specs/smallcnn-zero3-mixture.yaml"
 def _worker(rank: int, world: int, spec: str):
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    import deepspeed
-
-    from elastictrain.models import build_model
-    from elastictrain.projection import project
-    from elastictrain.schedule import plans_at
-    from elastictrain.train import Constrainer, EnforceConfig, LRConfig, OptimConfig, build_optimizer, build_scheduler, train_epoch
-    from elastictrain.verify import verify
+    import deepspeed  # noqa: F401  (DeepSpeed's accelerator set up before the model is built)
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-    from jobs.deepspeed_engine import engine_factory, gathered_state_dict
-    from jobs.ray_train import with_rank_checks
-    from pipeline.config import DeepSpeedConfig, StageConfig
+    from elastictrain.constraints.projection import project
+    from elastictrain.constraints.schedule import plans_at
+    from elastictrain.constraints.verify import verify
+    from elastictrain.models import build_model
+    from elastictrain.train import (
+        Constrainer,
+        EnforceConfig,
+        Hooks,
+        LRConfig,
+        OptimConfig,
+        build_optimizer,
+        build_scheduler,
+        train_epoch,
+    )
+    from jobs.backend import DeepSpeedBackend
+    from jobs.cluster import DeepSpeedConfig
+    from jobs.deepspeed_engine import gathered_state_dict
 
     torch.manual_seed(0)
     model = build_model("smallcnn", num_classes=10, in_channels=1)
     plans = resolve(load(spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
     opt = build_optimizer(model, OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4))
     sched = build_scheduler(opt, LRConfig(name="constant"), 8, 3)
-    c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="progressive", update_every=3, end=0.5), 24)
-    make = with_rank_checks(engine_factory(DeepSpeedConfig(zero_stage=3), 16, world, torch.device("cpu")))
-    engine, stepper = make(model, opt, sched, StageConfig(name="t", kind="progressive_prune", spec=str(spec)), c)
-    c.begin(opt)
+    c = Constrainer(dict(model.named_parameters()), plans,
+                    EnforceConfig(method="progressive", update_every=3, end=0.5), 24)
+    backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=3), rank, world, torch.device("cpu"))
+    engine, stepper = backend.engine(model, opt, sched, c, batch_per_rank=16, clip=None)
+    synced = Hooks(on_update=lambda event: backend.after_update(c, event))  # re-mask + rank check
+    for event in c.begin(opt):
+        backend.after_update(c, event)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own shard of the data
     batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
     out = {"sharded": c.layout.sharded, "shape_outside_forward": tuple(next(iter(c.params.values())).shape)}
 
-    train_epoch(engine, batches, stepper, c)  # progressive updates at steps 3 and 6 (rank-checked)
+    train_epoch(engine, batches, stepper, c, synced)  # progressive updates at steps 3 and 6 (rank-checked)
     whole = gathered_state_dict(model)
-    c.update_masks(0.8)  # on the slices ...
+    backend.after_update(c, c.update_masks(0.8))  # on the slices ...
     _, ref = project({n: whole[n] for n in plans}, plans_at(plans, 0.8))  # ... vs the gathered weights
     out["update_matches_gathered"] = {n: bool(torch.equal(c.masks[n], ref[n].mask & c.base_masks[n])) for n in plans}
 
-    train_epoch(engine, batches, stepper, c)  # masks final from step 12; codebooks refit every 50
+    train_epoch(engine, batches, stepper, c, synced)  # masks final from step 12; codebooks refit every 50
     whole = gathered_state_dict(model)
     out["revived"] = {n: int((whole[n] != 0).logical_and(~c.masks[n]).sum()) for n in plans}
     master = {}  # this rank's slice of DeepSpeed's fp32 master copy and of SGD's momentum
     for n in plans:
         _, start = c.layout.local(n)
-        m32, mom = safe_get_local_fp32_param(c.params[n]), safe_get_local_optimizer_state(c.params[n], "momentum_buffer")
+        m32, mom = (safe_get_local_fp32_param(c.params[n]),
+                    safe_get_local_optimizer_state(c.params[n], "momentum_buffer"))
         pruned = ~c.masks[n].reshape(-1)[start:start + m32.numel()]
         master[n] = int((m32[:pruned.numel()][pruned] != 0).sum() + (mom[:pruned.numel()][pruned] != 0).sum())
     out["master_revived"] = master
@@ -85,7 +96,7 @@ def _worker(rank: int, world: int, spec: str):
     after = gathered_state_dict(model)
     out["latent_restored"] = all(torch.equal(after[n], whole[n]) for n in plans)
 
-    train_epoch(engine, batches, stepper, c)
+    train_epoch(engine, batches, stepper, c, synced)
     states = c.finish()
     final = gathered_state_dict(model)
     out["final_violations"] = [str(v) for v in verify(plans, {n: final[n] for n in plans})]
@@ -122,12 +133,21 @@ def _bf16_worker(rank: int, world: int, spec: str, zero: int):
     """precision: bf16 — autocast compute over fp32 weights, QAT included."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    from elastictrain.constraints.verify import verify
     from elastictrain.models import build_model
-    from elastictrain.train import Constrainer, EnforceConfig, LRConfig, OptimConfig, build_optimizer, build_scheduler, train_epoch
-    from elastictrain.verify import verify
-    from jobs.deepspeed_engine import autocast_dtype, engine_factory, gathered_state_dict
-    from jobs.ray_train import with_rank_checks
-    from pipeline.config import DeepSpeedConfig, StageConfig
+    from elastictrain.train import (
+        Constrainer,
+        EnforceConfig,
+        Hooks,
+        LRConfig,
+        OptimConfig,
+        build_optimizer,
+        build_scheduler,
+        train_epoch,
+    )
+    from jobs.backend import DeepSpeedBackend
+    from jobs.cluster import DeepSpeedConfig
+    from jobs.deepspeed_engine import autocast_dtype, gathered_state_dict
 
     ds = DeepSpeedConfig(zero_stage=zero, precision="bf16")
     torch.manual_seed(0)
@@ -135,19 +155,21 @@ def _bf16_worker(rank: int, world: int, spec: str, zero: int):
     plans = resolve(load(spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
     opt = build_optimizer(model, OptimConfig(lr=0.05))
     c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="fixed", refit_every=3), 8)
-    make = with_rank_checks(engine_factory(ds, 16, world, torch.device("cpu")))
-    engine, stepper = make(model, opt, build_scheduler(opt, LRConfig(name="constant"), 8, 1),
-                           StageConfig(name="t", kind="quantize", spec=str(spec)), c)
-    c.begin(opt)
+    backend = DeepSpeedBackend(ds, rank, world, torch.device("cpu"))
+    engine, stepper = backend.engine(model, opt, build_scheduler(opt, LRConfig(name="constant"), 8, 1), c,
+                                     batch_per_rank=16, clip=None)
+    for event in c.begin(opt):
+        backend.after_update(c, event)
     g = torch.Generator().manual_seed(7 + rank)
     batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
     dtype = autocast_dtype(ds, torch.device("cpu"))
-    m = train_epoch(engine, batches, stepper, c, autocast_dtype=dtype)
+    m = train_epoch(engine, batches, stepper, c, Hooks(on_update=lambda e: backend.after_update(c, e)), dtype)
     with torch.autocast("cpu", dtype=dtype):
         logits = engine(batches[0][0])
     c.finish()
     sd = gathered_state_dict(model) if zero == 3 else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"autocast": str(dtype), "logits": str(logits.dtype), "weights": sorted({str(v.dtype) for v in sd.values() if v.is_floating_point()}),
+    return {"autocast": str(dtype), "logits": str(logits.dtype),
+            "weights": sorted({str(v.dtype) for v in sd.values() if v.is_floating_point()}),
             "loss_finite": bool(np.isfinite(m["loss"])), "refits": c.stats["codebook_refits"],
             "violations": [str(v) for v in verify(plans, {n: sd[n] for n in plans})], "checksum": c.checksum()}
 
@@ -167,23 +189,33 @@ def _adversarial_worker(rank: int, world: int, spec: str, zero: int):
     """Adversarial training through a DeepSpeed engine: each rank attacks its own shard."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    from elastictrain.constraints.verify import verify
     from elastictrain.models import build_model
-    from elastictrain.robust import AttackConfig, attack, robust_accuracy
-    from elastictrain.train import Constrainer, EnforceConfig, Hooks, LRConfig, OptimConfig, build_optimizer, build_scheduler, train_epoch
-    from elastictrain.verify import verify
-    from jobs.deepspeed_engine import engine_factory, gathered_state_dict
-    from jobs.ray_train import with_rank_checks
-    from pipeline.config import DeepSpeedConfig, StageConfig
+    from elastictrain.train import (
+        Constrainer,
+        EnforceConfig,
+        Hooks,
+        LRConfig,
+        OptimConfig,
+        build_optimizer,
+        build_scheduler,
+        train_epoch,
+    )
+    from elastictrain.train.attacks import AttackConfig, attack, robust_accuracy
+    from jobs.backend import DeepSpeedBackend
+    from jobs.cluster import DeepSpeedConfig
+    from jobs.deepspeed_engine import gathered_state_dict
 
     torch.manual_seed(0)
     model = build_model("smallcnn", num_classes=10, in_channels=1)
     plans = resolve(load(spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
     opt = build_optimizer(model, OptimConfig(lr=0.05))
     c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="fixed", refit_every=3), 6)
-    make = with_rank_checks(engine_factory(DeepSpeedConfig(zero_stage=zero), 16, world, torch.device("cpu")))
-    engine, stepper = make(model, opt, build_scheduler(opt, LRConfig(name="constant"), 6, 1),
-                           StageConfig(name="t", kind="quantize", spec=str(spec)), c)
-    c.begin(opt)
+    backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero), rank, world, torch.device("cpu"))
+    engine, stepper = backend.engine(model, opt, build_scheduler(opt, LRConfig(name="constant"), 6, 1), c,
+                                     batch_per_rank=16, clip=None)
+    for event in c.begin(opt):
+        backend.after_update(c, event)
     g = torch.Generator().manual_seed(11 + rank)
     mean, std = (0.3,), (0.35,)  # batches arrive normalized, as the loader makes them
     batches = [((torch.rand(16, 1, 28, 28, generator=g) - mean[0]) / std[0], torch.randint(0, 10, (16,), generator=g))
@@ -196,7 +228,8 @@ def _adversarial_worker(rank: int, world: int, spec: str, zero: int):
         seen.append(float((x_adv - x).abs().max() * std[0]))  # the largest pixel change
         return x_adv
 
-    m = train_epoch(engine, batches, stepper, c, Hooks(adversarial=adv, adv_beta=0.5))
+    m = train_epoch(engine, batches, stepper, c, Hooks(adversarial=adv, adv_beta=0.5,
+                                                       on_update=lambda e: backend.after_update(c, e)))
     r = robust_accuracy(model, batches[:2], AttackConfig(kind="pgd", steps=3, eps=0.1, alpha=0.03), mean, std)
     c.finish()
     sd = gathered_state_dict(model) if zero == 3 else {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -223,10 +256,20 @@ def _resume_worker(rank: int, world: int, spec: str, zero: int, where: str):
     import torch.distributed as dist
 
     from elastictrain.models import build_model
-    from elastictrain.train import Constrainer, EnforceConfig, LRConfig, OptimConfig, build_optimizer, build_scheduler, train_epoch
-    from jobs.deepspeed_engine import engine_factory, gathered_state_dict
+    from elastictrain.train import (
+        Constrainer,
+        EnforceConfig,
+        Hooks,
+        LRConfig,
+        OptimConfig,
+        build_optimizer,
+        build_scheduler,
+        train_epoch,
+    )
+    from jobs.backend import DeepSpeedBackend
+    from jobs.cluster import DeepSpeedConfig
+    from jobs.deepspeed_engine import gathered_state_dict
     from pipeline import resume
-    from pipeline.config import DeepSpeedConfig, StageConfig
 
     g = torch.Generator().manual_seed(7 + rank)
     batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
@@ -237,35 +280,39 @@ def _resume_worker(rank: int, world: int, spec: str, zero: int, where: str):
         plans = resolve(load(spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
         opt = build_optimizer(model, OptimConfig(lr=0.05, momentum=0.9))
         sched = build_scheduler(opt, LRConfig(name="cosine"), 4, 2)
-        c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="progressive", update_every=2, end=0.6), 8)
-        make = engine_factory(DeepSpeedConfig(zero_stage=zero), 16, world, torch.device("cpu"))
-        engine, stepper = make(model, opt, sched, StageConfig(name="t", kind="progressive_prune", spec=str(spec)), c)
-        return model, c, engine, stepper
+        c = Constrainer(dict(model.named_parameters()), plans,
+                        EnforceConfig(method="progressive", update_every=2, end=0.6), 8)
+        backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero), rank, world, torch.device("cpu"))
+        engine, stepper = backend.engine(model, opt, sched, c, batch_per_rank=16, clip=None)
+        hooks = Hooks(on_update=lambda e: backend.after_update(c, e))
+        return model, c, engine, stepper, hooks, backend
 
-    model, c, engine, stepper = fresh()
-    c.begin(engine.optimizer)
-    train_epoch(engine, batches, stepper, c)
+    model, c, engine, stepper, hooks, backend = fresh()
+    for event in c.begin(engine.optimizer):
+        backend.after_update(c, event)
+    train_epoch(engine, batches, stepper, c, hooks)
     state = {"constrainer": c.state_dict(), "history": [], "rng": resume.rng_state(), "checksum": c.checksum()}
     resume.save_point(Path(where), 1, stepper, state, {"t": 1}, rank, dist.barrier)
-    train_epoch(engine, batches, stepper, c)
+    train_epoch(engine, batches, stepper, c, hooks)
     straight = gathered_state_dict(model)
     straight_sum = c.checksum()
 
-    model, c, engine, stepper = fresh()
+    model, c, engine, stepper, hooks, backend = fresh()
     at, manifest = resume.find_point(Path(where), {"t": 1})
     stepper.load(at)
     saved = resume.load_state(at)
     c.resume(saved["constrainer"])
     resume.set_rng_state(saved["rng"])  # (SmallCNN has dropout)
     restored_sum = c.checksum()
-    c.begin(engine.optimizer)
-    train_epoch(engine, batches, stepper, c)
+    c.begin(engine.optimizer)  # (resumed: no update at begin)
+    train_epoch(engine, batches, stepper, c, hooks)
     again = gathered_state_dict(model)
     return {"restored_equals_saved": restored_sum == manifest["checksum"], "same_final": straight_sum == c.checksum(),
             # parameters on every rank; buffers (BN running statistics) as rank 0 keeps them: DeepSpeed
             # saves rank 0's module state once and never syncs buffers, so other ranks' drift
             "params_equal": all(torch.equal(straight[k], again[k]) for k, _ in model.named_parameters()),
-            "buffers_equal": all(torch.equal(straight[k], again[k]) for k, _ in model.named_buffers()), "lr": stepper.lr}
+            "buffers_equal": all(torch.equal(straight[k], again[k]) for k, _ in model.named_buffers()),
+            "lr": stepper.lr}
 
 
 @pytest.mark.parametrize("zero", [2, 3])

@@ -24,12 +24,12 @@ from typing import Optional
 
 import torch
 
-from .. import checkpoint
-from ..plan import layer_kind
-from ..progress import Progress, bar
-from . import layer as lyr
-from .floor import floor_bits
-from .format import FORMAT, FIXED_BYTES, Payload, json_default, read, write
+from elastictrain import checkpoint
+from elastictrain.artifact import layer as lyr
+from elastictrain.artifact.floor import floor_bits
+from elastictrain.artifact.format import FIXED_BYTES, FORMAT, Payload, json_default, read, write
+from elastictrain.constraints.plan import layer_kind
+from elastictrain.progress import Progress, bar
 
 __all__ = ["FORMAT", "export", "floor_bits", "load"]
 TOP_KEYS = ("format", "model_state_dict", "elastic_trainer_state_dict", "local_dict", "spec")
@@ -51,7 +51,8 @@ def _mask_name(rec: dict) -> str:
     m = rec["mask"]
     where = m["level"] if m["level"] != "unit" else f"unit {'×'.join(map(str, m['parts']))}"
     pos = m["pos"]
-    return f"{where}/{pos['enc']}" + (f"-{pos['w']}" if pos["enc"] == "rel" else "") + (" inv" if pos.get("inv") else "")
+    return (f"{where}/{pos['enc']}" + (f"-{pos['w']}" if pos["enc"] == "rel" else "")
+            + (" inv" if pos.get("inv") else ""))
 
 
 def _other_record(t: torch.Tensor, bn_dtype: str, put) -> dict:
@@ -74,7 +75,7 @@ def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32", progress: Op
         raise ValueError(f"bn_dtype: expected 'fp32' or 'fp16' (got {bn_dtype!r})")
     sd = checkpoint.model_state(ckpt)
     bufs = checkpoint.buffers(ckpt)
-    plans = lyr.plans_from_spec(ckpt.get("spec"), sd)
+    plans = lyr.spec_plans(ckpt)
     payload = Payload()
     tensors, layers, other = [], [], {"tensors": 0, "params": 0, "bytes": 0}
     base_bytes = 0
@@ -86,7 +87,8 @@ def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32", progress: Op
             rec, sizes = lyr.encode(lyr.analyse(name, t, bufs, plans.get(name)), payload.put)
             tensors.append({"name": name, "kind": "weight", **rec})
             layers.append({"name": name, "shape": list(t.shape), "params": t.numel(), "kept": rec["kept"],
-                           "mask": _mask_name(rec), "values": rec["values"]["enc"], **{f"{k}_bytes": v for k, v in sizes.items()},
+                           "mask": _mask_name(rec), "values": rec["values"]["enc"],
+                           **{f"{k}_bytes": v for k, v in sizes.items()},
                            "bytes": sum(sizes.values())})
         else:
             rec = _other_record(t, bn_dtype, payload.put)

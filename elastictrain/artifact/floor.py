@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import checkpoint
-from ..plan import layer_kind
-from . import entropy as ent
-from .layer import Analysis, analyse, bits_of, plans_from_spec
+from elastictrain import checkpoint
+from elastictrain.artifact import entropy as ent
+from elastictrain.artifact.layer import Analysis, analyse, bits_of, spec_plans
+from elastictrain.constraints.plan import layer_kind
 
 
 def layer_floor(a: Analysis) -> dict:
@@ -45,7 +45,7 @@ def floor_bits(ckpt: dict) -> dict:
     """Per-layer and total floor bits of ``ckpt``'s weights (module doc), other tensors apart."""
     sd = checkpoint.model_state(ckpt)
     bufs = checkpoint.buffers(ckpt)
-    plans = plans_from_spec(ckpt.get("spec"), sd)
+    plans = spec_plans(ckpt)
     layers, other_bits, other_params = [], 0, 0
     for name, t in sd.items():
         if torch.is_floating_point(t) and layer_kind(tuple(t.shape)) and t.numel():
@@ -53,6 +53,7 @@ def floor_bits(ckpt: dict) -> dict:
         else:
             other_bits += t.numel() * t.element_size() * 8
             other_params += t.numel()
-    total = {k: sum(l[k] for l in layers) for k in ("params", "kept", "mask_bits", "value_bits", "codebook_bits", "bits")}
+    total = {k: sum(l[k] for l in layers)
+             for k in ("params", "kept", "mask_bits", "value_bits", "codebook_bits", "bits")}
     return {**total, "weights_bits": total["bits"], "weights_bytes": total["bits"] / 8,
             "other_bits": other_bits, "other_params": other_params, "layers": layers}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from elastictrain.files import atomic_write
 
 MAGIC = b"\x89ETZ"
 VERSION = 1

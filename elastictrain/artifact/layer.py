@@ -26,13 +26,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..grid import as4d, block_unview
-from ..plan import LayerPlan, layer_kind, resolve
-from ..spec import parse
-from . import entropy as ent
-from .masks import Level, decode_level, encode_level, levels, unit_any
+from elastictrain import checkpoint
+from elastictrain.artifact import entropy as ent
+from elastictrain.artifact.masks import Level, decode_level, encode_level, levels, unit_any
+from elastictrain.config import ConfigError
+from elastictrain.constraints.grid import as4d, block_unview
+from elastictrain.constraints.plan import LayerPlan, layer_kind
 
-INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}
 DTYPES = {n: getattr(torch, n) for n in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16",
                                          "int8", "uint8", "bool")}
 MAX_GRID_TRIES = 256
@@ -120,7 +122,8 @@ def group_ids(shape4: tuple[int, ...], parts: tuple[int, ...]) -> torch.Tensor:
 
 
 def _grid_candidates(shape4: tuple[int, ...], G: int, plan: Optional[LayerPlan]) -> list[tuple[int, ...]]:
-    first = [tuple(plan.quant_parts)] if plan is not None and plan.quant_parts and math.prod(plan.quant_parts) == G else []
+    first = ([tuple(plan.quant_parts)]
+             if plan is not None and plan.quant_parts and math.prod(plan.quant_parts) == G else [])
     divs = [[d for d in range(1, n + 1) if n % d == 0] for n in shape4]   # loops over axis divisors
     rest = sorted((p for p in itertools.product(*divs) if math.prod(p) == G),
                   key=lambda p: (sum(x > 1 for x in p), [-x for x in p]))
@@ -146,7 +149,8 @@ def _find_codes(shape4, support_flat: torch.Tensor, values: torch.Tensor, table:
 def analyse(name: str, w: torch.Tensor, buffers: dict[str, dict], plan: Optional[LayerPlan]) -> Analysis:
     w = w.detach().cpu()
     shape4 = tuple(as4d(w).shape)
-    bufs = {k: v[name].detach().cpu() for k, v in buffers.items() if isinstance(v, dict) and isinstance(v.get(name), torch.Tensor)}
+    bufs = {k: v[name].detach().cpu() for k, v in buffers.items()
+            if isinstance(v, dict) and isinstance(v.get(name), torch.Tensor)}
     nonzero = (bits_of(w) != 0) if w.dtype in INT_VIEW else (w != 0)
     wm = bufs.get("weight_mask")
     support = nonzero | wm if wm is not None and wm.dtype == torch.bool and wm.shape == w.shape else nonzero
@@ -161,13 +165,12 @@ def analyse(name: str, w: torch.Tensor, buffers: dict[str, dict], plan: Optional
     return Analysis(name, w, shape4, support4, values, bufs, quant, lvls)
 
 
-def plans_from_spec(spec: Optional[dict], sd: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
-    """The checkpoint spec's plans, or {} when there is none or it does not resolve here."""
-    if not isinstance(spec, dict):
-        return {}
+def spec_plans(ckpt: dict) -> dict[str, LayerPlan]:
+    """The checkpoint spec's plans (``checkpoint.plans``), or {} when there is none or it does not
+    resolve here: the artifact is then written with every layer's mask and values as they are."""
     try:
-        return resolve(parse(spec), {k: tuple(v.shape) for k, v in sd.items() if torch.is_floating_point(v)})
-    except (ValueError, TypeError, KeyError):
+        return checkpoint.plans(ckpt, from_tables=False)
+    except ConfigError:
         return {}
 
 
@@ -188,7 +191,8 @@ def encode_table(table: torch.Tensor) -> tuple[dict, dict[str, bytes]]:
     vals = rows_UL[torch.arange(L)[None, :] < n_U[:, None]]
     ids_p, ids_b = ent.encode_ints(rank[inv].numpy())
     cnt_p, cnt_b = ent.encode_ints((n_U - 1).numpy())
-    rec = {"dtype": dtype_name(table.dtype), "G": G, "L": L, "U": U, "nv": int(vals.numel()), "ids": ids_p, "counts": cnt_p}
+    rec = {"dtype": dtype_name(table.dtype), "G": G, "L": L, "U": U, "nv": int(vals.numel()),
+           "ids": ids_p, "counts": cnt_p}
     return rec, {"ids": ids_b, "counts": cnt_b, "vals": tensor_bytes(vals)}
 
 
@@ -243,7 +247,8 @@ def encode(a: Analysis, put: Callable[[bytes], list]) -> tuple[dict, dict]:
         elif key == "pattern_library" and lvl.kind == "pattern" and lvl.from_buffer:
             bufs[key] = "derived"
         elif (key == "structured_weight_mask" and wm_is_support and t.dtype == torch.bool and t.dim() == 4
-              and not any(d % p for d, p in zip(a.shape4, t.shape)) and torch.equal(unit_any(a.support4, tuple(t.shape)), t)):
+              and not any(d % p for d, p in zip(a.shape4, t.shape))
+              and torch.equal(unit_any(a.support4, tuple(t.shape)), t)):
             bufs[key] = {"derive": "unit_any", "shape": list(t.shape)}
         elif key in ("weight_mask", "structured_weight_mask", "pattern_library", "quantization_table"):
             bufs[key] = tensor_record(t, put)
@@ -257,7 +262,8 @@ def decode(rec: dict, get: Callable[[list], bytes]) -> tuple[torch.Tensor, dict[
     dtype, shape = rec["dtype"], rec["shape"]
     if dtype not in ("float32", "float64", "float16", "bfloat16"):
         raise ValueError(f"bad weight dtype {dtype!r}")
-    if (not isinstance(shape, list) or layer_kind(tuple(shape)) is None or any(not isinstance(d, int) or d < 1 for d in shape)
+    if (not isinstance(shape, list) or layer_kind(tuple(shape)) is None
+            or any(not isinstance(d, int) or d < 1 for d in shape)
             or math.prod(shape) > MAX_ELEMENTS):
         raise ValueError(f"bad weight shape {shape!r}")
     dt = DTYPES[dtype]

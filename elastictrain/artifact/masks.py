@@ -25,9 +25,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..grid import block_unview
-from ..pattern import codes_of, library_from_codes
-from . import entropy as ent
+from elastictrain.artifact import entropy as ent
+from elastictrain.constraints.grid import block_unview
+from elastictrain.constraints.pattern import codes_of, library_from_codes
 
 MAX_WIDTH = 24
 QUOTIENTS = 32  # gap quotient alphabet before the filler symbol
@@ -176,7 +176,8 @@ class Level:
 def unit_counts(mask4: np.ndarray, parts: tuple[int, ...]) -> np.ndarray:
     """Kept entries per unit of grid ``parts`` (unit-grid shaped; a view, no block copy)."""
     d = mask4.shape
-    x8 = mask4.reshape(parts[0], d[0] // parts[0], parts[1], d[1] // parts[1], parts[2], d[2] // parts[2], parts[3], d[3] // parts[3])
+    x8 = mask4.reshape(parts[0], d[0] // parts[0], parts[1], d[1] // parts[1],
+                       parts[2], d[2] // parts[2], parts[3], d[3] // parts[3])
     return x8.sum(axis=(1, 3, 5, 7), dtype=np.int64)
 
 
@@ -236,7 +237,8 @@ def _pattern_level(mask4: torch.Tensor, library: Optional[torch.Tensor]) -> Leve
 def encode_level(level: Level) -> tuple[dict, dict[str, bytes]]:
     """(record, blobs) for a level: ``pos`` always; ``ids`` and ``lib`` for patterns."""
     pos_params, pos_blob = encode_positions(level.keep_n)
-    rec = {"level": level.kind, "parts": list(level.parts), "kept": int(np.count_nonzero(level.keep_n)), "pos": pos_params}
+    rec = {"level": level.kind, "parts": list(level.parts), "kept": int(np.count_nonzero(level.keep_n)),
+           "pos": pos_params}
     blobs = {"pos": pos_blob}
     if level.kind == "pattern":
         rec["ids"], blobs["ids"] = ent.encode_ints(level.ids)
@@ -245,7 +247,8 @@ def encode_level(level: Level) -> tuple[dict, dict[str, bytes]]:
     return rec, blobs
 
 
-def decode_level(rec: dict, blobs: dict[str, bytes], shape4: tuple[int, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def decode_level(rec: dict, blobs: dict[str, bytes],
+                 shape4: tuple[int, ...]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(mask4, library or None) from :func:`encode_level`'s record and blobs."""
     parts = tuple(int(p) for p in rec["parts"])
     if len(parts) != 4 or any(p < 1 or d % p for d, p in zip(shape4, parts)):
@@ -263,7 +266,8 @@ def decode_level(rec: dict, blobs: dict[str, bytes], shape4: tuple[int, ...]) ->
     P, K = int(rec["P"]), R * S
     if parts != (F, C, 1, 1) or not 1 <= P or len(blobs["lib"]) != (P * K + 7) // 8:
         raise ValueError(f"bad pattern level (P={P}, {len(blobs['lib'])}-byte library)")
-    lib = torch.from_numpy(np.unpackbits(np.frombuffer(blobs["lib"], dtype=np.uint8))[: P * K].astype(bool)).reshape(P, K)
+    lib = torch.from_numpy(
+        np.unpackbits(np.frombuffer(blobs["lib"], dtype=np.uint8))[: P * K].astype(bool)).reshape(P, K)
     ids = ent.decode_ints(rec["ids"], blobs["ids"], int(rec["kept"]))
     if ids.size and (ids.min() < 0 or ids.max() >= P):
         raise ValueError(f"pattern ids outside a library of {P}")

@@ -24,7 +24,6 @@ try:  # numpy >= 2 moved the array reconstruction to numpy._core (numpy.core is 
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
-import _codecs
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Literal, Optional, Union
 
 import torch
 
-from ..config import fail
-from . import cifar
-from .idx import read_idx
+from elastictrain.config import fail
+from elastictrain.data import cifar
+from elastictrain.data.idx import read_idx
 
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder
@@ -101,7 +101,8 @@ class InMemory:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"InMemory.images: expected uint8 N×C×H×W, got {self.images.dtype} {list(self.images.shape)}")
+            raise ValueError(f"InMemory.images: expected uint8 N×C×H×W, "
+                             f"got {self.images.dtype} {list(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError(f"InMemory.labels: expected int64 of length {len(self.images)}, "
                              f"got {self.labels.dtype} {list(self.labels.shape)}")
@@ -226,7 +227,8 @@ def load(cfg: DataConfig) -> DataBundle:
     read = _load_cifar_split if cfg.name in cifar.LAYOUTS else _load_idx_split
     train, test = read(root, "train", cfg.name), read(root, "test", cfg.name)
     if train.images.shape[1:] != test.images.shape[1:]:
-        raise ValueError(f"data.root: train images are {list(train.images.shape[1:])}, test images {list(test.images.shape[1:])}")
+        raise ValueError(f"data.root: train images are {list(train.images.shape[1:])}, "
+                         f"test images {list(test.images.shape[1:])}")
     _, channels, h, w = train.images.shape
     if h != w:
         raise ValueError(f"data.root: images are {h}×{w}, expected square images")

@@ -11,14 +11,15 @@ examples to even out the shards and so count some test images twice.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from .shard import mix_seed, shard_indices
+from elastictrain.data.batches import Batches
+from elastictrain.data.shard import mix_seed, shard_indices
 
 
 class ShardSampler(Sampler[int]):
@@ -62,9 +63,8 @@ def folder_transform(train: bool, augment: bool, hflip: bool, mean: Sequence[flo
 class FolderLoader:
     """Batches of an ImageFolder split on ``device``; see the module docstring."""
 
-    def __init__(self, folder: ImageFolder, batch_size: int, device: torch.device | str, train: bool, augment: bool,
-                 hflip: bool, mean: Sequence[float], std: Sequence[float], *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: Optional[bool] = None, workers: int = 2) -> None:
+    def __init__(self, folder: ImageFolder, b: Batches, device: torch.device | str) -> None:
+        batch_size, train, seed, rank, world_size = b.batch_size, b.train, b.seed, b.rank, b.world_size
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1 (got {batch_size})")
         if not 0 <= rank < world_size:
@@ -77,8 +77,8 @@ class FolderLoader:
         # torch's global generator instead)
         self._gen = torch.Generator()
         self._loader = DataLoader(
-            _Transformed(folder, folder_transform(train, augment, hflip, mean, std)), batch_size=batch_size,
-            sampler=self.sampler, num_workers=workers, drop_last=train if drop_last is None else drop_last,
+            _Transformed(folder, folder_transform(train, b.augment, b.hflip, b.mean, b.std)), batch_size=batch_size,
+            sampler=self.sampler, num_workers=b.workers, drop_last=train if b.drop_last is None else b.drop_last,
             pin_memory=self.device.type == "cuda", generator=self._gen)
         if train and len(self) == 0:
             raise ValueError(f"batch_size: {batch_size} is more than the {len(self.sampler)} training examples"

@@ -67,7 +67,8 @@ def parse_idx(data: bytes, name: str) -> torch.Tensor:
     expected = header + math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "trailing bytes"
-        raise ValueError(f"{name}: {what}: IDX header {dims} of {dtype.name} needs {expected} bytes, file has {len(data)}")
+        raise ValueError(f"{name}: {what}: IDX header {dims} of {dtype.name} needs {expected} bytes, "
+                         f"file has {len(data)}")
     values = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
     # torch has no big-endian dtypes: convert to native order (a no-op copy for single bytes)
     return torch.from_numpy(values.astype(dtype.newbyteorder("="), copy=True))

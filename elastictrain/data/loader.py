@@ -14,13 +14,14 @@ the same on CPU and GPU.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 
-from .augment import normalize, pad_center, random_crop_flip
-from .datasets import DataBundle, DataConfig, InMemory, Split
-from .shard import mix_seed, shard_indices
+from elastictrain.data.augment import normalize, pad_center, random_crop_flip
+from elastictrain.data.batches import Batches
+from elastictrain.data.datasets import DataBundle, DataConfig, InMemory, Split
+from elastictrain.data.shard import mix_seed, shard_indices
 
 
 def default_crop_padding(side: int) -> int:
@@ -29,18 +30,14 @@ def default_crop_padding(side: int) -> int:
 
 
 class BatchLoader:
-    """Iterate an :class:`InMemory` split in device-resident, augmented, normalized batches.
+    """Iterate an :class:`InMemory` split in device-resident, augmented, normalized batches (see
+    :class:`Batches` for what each setting does)."""
 
-    ``train``: shuffle each epoch, take an equal shard per rank, augment if ``augment``, and drop a
-    last partial batch unless ``drop_last=False``. Otherwise: fixed order, no augmentation, and
-    every example once. ``mean``/``std`` are per channel in [0, 1] units (``DataBundle.mean``).
-    """
-
-    def __init__(self, split: InMemory, batch_size: int, device: torch.device | str, train: bool, augment: bool,
-                 hflip: bool, mean: Sequence[float], std: Sequence[float], pad_to: Optional[int] = None,
-                 crop_padding: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: Optional[bool] = None) -> None:
+    def __init__(self, split: InMemory, b: Batches, device: torch.device | str) -> None:
         _, c, h, w = split.images.shape
+        batch_size, train, augment, hflip, mean, std = b.batch_size, b.train, b.augment, b.hflip, b.mean, b.std
+        pad_to, crop_padding, seed, rank, world_size = b.pad_to, b.crop_padding, b.seed, b.rank, b.world_size
+        drop_last = b.drop_last
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1 (got {batch_size})")
         if not 0 <= rank < world_size:
@@ -111,39 +108,35 @@ class BatchLoader:
         return dy_dx[0], dy_dx[1], flip
 
 
-def make_loader(split: Split, batch_size: int, device: torch.device | str, train: bool, augment: bool, hflip: bool,
-                mean: Sequence[float], std: Sequence[float], pad_to: Optional[int] = None,
-                crop_padding: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                drop_last: Optional[bool] = None, workers: int = 2):
+def make_loader(split: Split, b: Batches, device: torch.device | str):
     """A :class:`BatchLoader` for in-memory splits, a ``folder.FolderLoader`` for image folders."""
     if isinstance(split, InMemory):
-        return BatchLoader(split, batch_size, device, train, augment, hflip, mean, std, pad_to, crop_padding,
-                           seed, rank, world_size, drop_last)
-    if pad_to is not None or crop_padding is not None:
+        return BatchLoader(split, b, device)
+    if b.pad_to is not None or b.crop_padding is not None:
         raise ValueError("pad_to/crop_padding: only for in-memory data sets (not image folders)")
-    from .folder import FolderLoader  # keeps torchvision out of in-memory runs
+    from elastictrain.data.folder import FolderLoader  # keeps torchvision out of in-memory runs
 
-    return FolderLoader(split, batch_size, device, train, augment, hflip, mean, std, seed=seed, rank=rank,
-                        world_size=world_size, drop_last=drop_last, workers=workers)
+    return FolderLoader(split, b, device)
+
+
+def _batches(bundle: DataBundle, cfg: DataConfig, split: Split, train: bool, seed: int, rank: int,
+             world_size: int) -> Batches:
+    in_memory = isinstance(split, InMemory)
+    return Batches(batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train,
+                   augment=cfg.augment and train, hflip=bundle.hflip, mean=tuple(bundle.mean), std=tuple(bundle.std),
+                   pad_to=cfg.pad_to if in_memory else None, crop_padding=cfg.crop_padding if in_memory else None,
+                   seed=seed, rank=rank, world_size=world_size, workers=cfg.workers)
 
 
 def make_loaders(bundle: DataBundle, cfg: DataConfig, device: torch.device | str, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
     """(train_loader, test_loader) for ``bundle`` as ``cfg`` says; its batch sizes are per rank here
     (a pipeline stage divides the global batch by the world size before calling this)."""
-    common = dict(device=device, hflip=bundle.hflip, mean=bundle.mean, std=bundle.std, seed=seed, rank=rank,
-                  world_size=world_size, workers=cfg.workers)
-    if isinstance(bundle.train, InMemory):
-        common.update(pad_to=cfg.pad_to, crop_padding=cfg.crop_padding)
-    train = make_loader(bundle.train, cfg.batch_size, train=True, augment=cfg.augment, **common)
-    test = make_loader(bundle.test, cfg.eval_batch_size, train=False, augment=False, **common)
-    return train, test
+    train = make_loader(bundle.train, _batches(bundle, cfg, bundle.train, True, seed, rank, world_size), device)
+    return train, make_test_loader(bundle, cfg, device, rank, world_size, seed)
 
 
-def make_test_loader(bundle: DataBundle, cfg: DataConfig, device: torch.device | str, rank: int = 0, world_size: int = 1):
+def make_test_loader(bundle: DataBundle, cfg: DataConfig, device: torch.device | str, rank: int = 0,
+                     world_size: int = 1, seed: int = 0):
     """The test split alone, as ``make_loaders`` builds it (evaluation needs no training batches)."""
-    common = dict(device=device, hflip=bundle.hflip, mean=bundle.mean, std=bundle.std, seed=0, rank=rank,
-                  world_size=world_size, workers=cfg.workers)
-    if isinstance(bundle.test, InMemory):
-        common.update(pad_to=cfg.pad_to, crop_padding=cfg.crop_padding)
-    return make_loader(bundle.test, cfg.eval_batch_size, train=False, augment=False, **common)
+    return make_loader(bundle.test, _batches(bundle, cfg, bundle.test, False, seed, rank, world_size), device)

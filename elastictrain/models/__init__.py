@@ -14,14 +14,14 @@ from typing import Callable
 
 from torch import nn
 
-from .convnet import convnet
-from .lenet import lenet5
-from .mobilenetv2 import mobilenetv2
-from .resnet import RESNET_DEPTHS, resnet
-from .resnet_cifar import RESNET_CIFAR_BLOCKS, resnet_cifar
-from .smallcnn import smallcnn
-from .torchvision_zoo import torchvision_model
-from .vgg import VGG_CONFIGS, vgg
+from elastictrain.models.convnet import convnet
+from elastictrain.models.lenet import lenet5
+from elastictrain.models.mobilenetv2 import mobilenetv2
+from elastictrain.models.resnet import RESNET_DEPTHS, resnet
+from elastictrain.models.resnet_cifar import RESNET_CIFAR_BLOCKS, resnet_cifar
+from elastictrain.models.smallcnn import smallcnn
+from elastictrain.models.torchvision_zoo import torchvision_model
+from elastictrain.models.vgg import VGG_CONFIGS, vgg
 
 TORCHVISION_PREFIX = "torchvision:"
 

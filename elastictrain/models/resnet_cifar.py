@@ -8,7 +8,7 @@ rather than the 269,722 usually quoted.
 """
 from __future__ import annotations
 
-from .resnet import BasicBlock, ResNet
+from elastictrain.models.resnet import BasicBlock, ResNet
 
 # name -> n, the number of basic blocks per stage (depth = 6n + 2).
 RESNET_CIFAR_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}

@@ -1,8 +1,20 @@
 """Training under constraints: the constrainer (masks, codebooks, ADMM state that shape the
-weights during training) and the epoch loop. Nothing here assumes a single process: all state is
-tensors, computed deterministically from the weights, so identical weights give identical state."""
-from .constrainer import ADMMConfig, Constrainer, EnforceConfig
-from .loop import Hooks, LRConfig, TorchStepper, OptimConfig, build_optimizer, build_scheduler, evaluate, train_epoch
+weights during training), the epoch loop, the backend a stage runs on (one process here; a
+DeepSpeed rank in ``jobs``) and adversarial attacks. Nothing here assumes a single process: all
+state is tensors, computed deterministically from the weights, so identical weights give
+identical state."""
+from elastictrain.train.backend import Backend, Local, StageFailed
+from elastictrain.train.constrainer import ADMMConfig, Constrainer, EnforceConfig
+from elastictrain.train.loop import (
+                                     Hooks,
+                                     LRConfig,
+                                     OptimConfig,
+                                     TorchStepper,
+                                     build_optimizer,
+                                     build_scheduler,
+                                     evaluate,
+                                     train_epoch,
+)
 
-__all__ = ["ADMMConfig", "Constrainer", "EnforceConfig", "Hooks", "LRConfig", "OptimConfig", "TorchStepper", "build_optimizer",
-           "build_scheduler", "evaluate", "train_epoch"]
+__all__ = ["ADMMConfig", "Backend", "Constrainer", "EnforceConfig", "Hooks", "LRConfig", "Local", "OptimConfig",
+           "StageFailed", "TorchStepper", "build_optimizer", "build_scheduler", "evaluate", "train_epoch"]

@@ -7,7 +7,9 @@ Per training step (the loop calls these in order):
                       Q(W) updates W); gradients of pruned weights are zeroed; ADMM adds ρ(W − Z + U);
   ``after_step``      weights are re-masked, so pruned weights are exactly 0 after every optimizer
                       step; on schedule, masks are recomputed (progressive), ADMM's Z, U updated,
-                      or codebooks refit.
+                      or codebooks refit — and the updates made are returned ("masks",
+                      "codebooks", "admm"), so the caller runs what must follow one (under
+                      DeepSpeed: re-mask the optimizer's partitions, check every rank agrees).
 Methods: ``progressive`` (density follows a schedule to the target by ``end`` of the stage, masks
 recomputed every ``update_every`` steps), ``admm`` (Zhang et al. 2018: Z = Π(W + U), U += W − Z,
 ρ grows; a hard projection at ``end``, masked training after), ``fixed`` (project once at the
@@ -21,16 +23,16 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
-from ..config import fail
-from ..plan import LayerPlan
-from ..projection import LayerState
-from ..schedule import Schedule, plans_at
-from .layout import Whole
+from elastictrain.config import fail
+from elastictrain.constraints.plan import LayerPlan
+from elastictrain.constraints.projection import LayerState
+from elastictrain.constraints.schedule import Schedule, plans_at
+from elastictrain.train.layout import Whole
 
 
 @dataclass(slots=True)
@@ -92,12 +94,9 @@ class Constrainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.stats = {"mask_updates": 0, "mask_changes": 0, "codebook_refits": 0, "admm_updates": 0}
         self._latent: dict[str, torch.Tensor] = {}
-        self._kept: dict = {}  # per layer: codebook.KeptIndex or dist.shards.ShardKept
+        self._kept: dict = {}  # per layer: codebook.KeptIndex or distributed.shards.ShardKept
         self._fmask: dict[str, torch.Tensor] = {}
         self._hooks: list = []
-        self.listeners: list[Callable[["Constrainer", str], None]] = []
-        """called after every state update with its kind ("masks", "codebooks", "admm"): the
-        distributed layer checks ranks here, and DeepSpeed's master weights are re-masked."""
         if state:
             self.load_state_dict(state)
         # a stage never revives what an earlier stage pruned: every new mask is cut by these
@@ -144,20 +143,22 @@ class Constrainer:
             return g * self._float_mask(n, g.dtype)
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_step(self) -> list[str]:
+        """Re-mask, then any update due at this step; returns the updates made, in order."""
         self.step += 1
         self._apply_masks()
-        cfg = self.cfg
+        cfg, events = self.cfg, []
         if cfg.method == "progressive" and not self.final and self.step % cfg.update_every == 0:
-            self.update_masks(min(self.step / self.end_step, 1.0))
+            events.append(self.update_masks(min(self.step / self.end_step, 1.0)))
         elif cfg.method == "admm" and self.Z:
             if self.step >= self.end_step:
                 self.Z, self.U = {}, {}
-                self.update_masks(1.0)  # the hard projection; masked training from here on
+                events.append(self.update_masks(1.0))  # the hard projection; masked training from here on
             elif self.step % cfg.update_every == 0:
-                self._admm_update()
+                events.append(self._admm_update())
         if self.final and self.codebooks and cfg.codebook == "refit" and self.step % cfg.refit_every == 0:
-            self._refit()
+            events.append(self._refit())
+        return events
 
     def _restore_latent(self) -> None:
         if self._latent:
@@ -178,19 +179,19 @@ class Constrainer:
 
     # -- stage boundaries --------------------------------------------------------------------------
     @torch.no_grad()
-    def begin(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Called once before the first step of a stage (after any state was loaded)."""
+    def begin(self, optimizer: Optional[torch.optim.Optimizer] = None) -> list[str]:
+        """Called once before the first step of a stage (after any state was loaded); returns the
+        updates made, like ``after_step``."""
         self.optimizer = optimizer
         if not self._hooks:
-            self._hooks = [p.register_hook(lambda g, n=n, p=p: self._grad_hook(n, p, g)) for n, p in self.params.items()]
+            self._hooks = [p.register_hook(lambda g, n=n, p=p: self._grad_hook(n, p, g))
+                           for n, p in self.params.items()]
         if self.step > 0:
-            return  # resumed mid-stage: the state already holds what we need
-        if self.cfg.method == "fixed":
-            self.update_masks(1.0)
-        elif self.cfg.method == "progressive":
-            self.update_masks(0.0)
-        else:  # ADMM: no hard mask until `end`; Z carries the constraints meanwhile
+            return []  # resumed mid-stage: the state already holds what we need
+        if self.cfg.method == "admm":  # no hard mask until `end`; Z carries the constraints meanwhile
             self._admm_reset()
+            return []
+        return [self.update_masks(1.0 if self.cfg.method == "fixed" else 0.0)]
 
     @torch.no_grad()
     def finish(self) -> dict[str, LayerState]:
@@ -218,7 +219,7 @@ class Constrainer:
 
     # -- state updates -------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_masks(self, progress: float) -> None:
+    def update_masks(self, progress: float) -> str:
         plans = plans_at(self.plans, progress, self.cfg.schedule)
         _, states = self.layout.project(plans, self.libraries or None)
         changed = 0
@@ -236,11 +237,7 @@ class Constrainer:
         self._fmask.clear()
         self.final = progress >= 1.0
         self._apply_masks(optimizer_state=True)
-        self._notify("masks")
-
-    def _notify(self, event: str) -> None:
-        for fn in self.listeners:
-            fn(self, event)
+        return "masks"
 
     def _apply_masks(self, optimizer_state: bool = False) -> None:
         """Pruned weights to exactly 0 (every step: cheap, and robust to any optimizer). With
@@ -249,7 +246,7 @@ class Constrainer:
         for n, p in self.params.items():
             x, start = self.layout.local(n)
             x.mul_(self._float_mask(n, x.dtype).view(-1).narrow(0, start, x.numel()))
-            if optimizer_state and self.optimizer is not None:  # (DeepSpeed's state: a listener in jobs)
+            if optimizer_state and self.optimizer is not None:  # (DeepSpeed's: its backend, after the update)
                 for v in self.optimizer.state.get(p, {}).values():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
                         v.mul_(self.masks[n])
@@ -259,7 +256,7 @@ class Constrainer:
         self.Z = {n: z[n].view(p.shape) for n, p in self.params.items()}
         self.U = {n: torch.zeros_like(p) for n, p in self.params.items()}
 
-    def _admm_update(self) -> None:
+    def _admm_update(self) -> str:
         w_plus_u = {n: p.detach() + self.U[n] for n, p in self.params.items()}
         z, states = self.layout.project(self.plans, self.libraries or None, values=w_plus_u)
         for n, s in states.items():
@@ -270,7 +267,7 @@ class Constrainer:
             self.U[n].add_(p.detach() - self.Z[n])
         self.rho = min(self.rho * self.cfg.admm.growth, self.cfg.admm.rho_max)
         self.stats["admm_updates"] += 1
-        self._notify("admm")
+        return "admm"
 
     def admm_residual(self) -> float:
         """‖W − Z‖ / ‖W‖ over all constrained weights (ADMM's primal residual, relative)."""
@@ -280,12 +277,12 @@ class Constrainer:
         den = sum(float(p.detach().pow(2).sum()) for p in self.params.values())
         return (num / max(den, 1e-30)) ** 0.5
 
-    def _refit(self) -> None:
+    def _refit(self) -> str:
         for n in self.codebooks:
             q = self.plans[n].quantize
             self.codebooks[n] = self._kept_index(n).fit(self.layout.local(n)[0].float(), q.bits, q.method, q.iters)
         self.stats["codebook_refits"] += 1
-        self._notify("codebooks")
+        return "codebooks"
 
     def _float_mask(self, n: str, dtype: torch.dtype) -> torch.Tensor:
         """The whole mask in ``dtype``, cached: multiplying by a bool mask converts it every time."""
@@ -311,7 +308,8 @@ class Constrainer:
             if n in state.get("masks", {}):
                 self.masks[n] = state["masks"][n].to(torch.bool).reshape(self.plans[n].shape)
         self.libraries.update({n: v for n, v in state.get("libraries", {}).items() if n in self.params})
-        self.codebooks.update({n: v for n, v in state.get("codebooks", {}).items() if n in self.plans and self.plans[n].quantize})
+        self.codebooks.update({n: v for n, v in state.get("codebooks", {}).items()
+                               if n in self.plans and self.plans[n].quantize})
         self.Z = dict(state.get("Z", {}))
         self.U = dict(state.get("U", {}))
         self.rho = state.get("rho", self.rho)

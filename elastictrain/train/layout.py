@@ -4,7 +4,7 @@ The constrainer reads and writes weights only through a layout's flat ``local`` 
 through ``project``, so the same step logic serves two layouts:
 - ``Whole``: every rank holds every weight whole (one process, DDP, DeepSpeed ZeRO 0–2);
 - ``Sharded``: each rank holds a contiguous slice of every weight (ZeRO-3). Projection runs on
-  the slices (``dist.shards``); masks stay whole on every rank (1 bit a weight when packed), since
+  the slices (``distributed.shards``); masks stay whole on every rank (1 bit a weight when packed), since
   gradients arrive whole-shaped before they are reduce-scattered.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .. import codebook
-from ..grid import as4d
-from ..plan import LayerPlan
-from ..projection import LayerState, project
+from elastictrain.constraints import codebook
+from elastictrain.constraints.grid import as4d
+from elastictrain.constraints.plan import LayerPlan
+from elastictrain.constraints.projection import LayerState, project
 
 
 class Whole:
@@ -31,7 +31,8 @@ class Whole:
         return self.params[n].detach().view(-1), 0
 
     def project(self, plans: dict[str, LayerPlan], libraries: Optional[dict] = None,
-                values: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], dict[str, LayerState]]:
+                values: Optional[dict[str, torch.Tensor]] = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, LayerState]]:
         """Projected local values (flat) and per-layer states; ``values`` replaces the weights."""
         weights = values if values is not None else {n: self.params[n].detach() for n in plans}
         out, states = project(weights, plans, libraries)
@@ -45,7 +46,7 @@ class Whole:
 
 
 class Sharded:
-    """``local(n)`` gives the rank's ``dist.shards.Shard`` of weight ``n``; ``release()`` drops any
+    """``local(n)`` gives the rank's ``distributed.shards.Shard`` of weight ``n``; ``release()`` drops any
     gathered whole copy (ZeRO-3 keeps some after a forward without grad), so the next forward
     re-gathers what the constrainer wrote into the slices."""
 
@@ -59,14 +60,14 @@ class Sharded:
         return sh.values, sh.start
 
     def project(self, plans, libraries=None, values=None):
-        from ..dist.shards import project_shards
+        from elastictrain.distributed.shards import project_shards
 
         if values is not None:
             raise ValueError("a sharded layout projects only the weights themselves (ADMM needs ZeRO 0–2)")
         return project_shards({n: self._local(n) for n in plans}, plans, self.group)
 
     def kept(self, mask: torch.Tensor, plan: LayerPlan, n: str):
-        from ..dist.shards import ShardKept
+        from elastictrain.distributed.shards import ShardKept
 
         sh = self._local(n)
         keep_n = mask.reshape(-1).narrow(0, sh.start, sh.values.numel())

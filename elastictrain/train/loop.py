@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
 from torch import nn
 
-from ..config import fail
-from ..progress import Progress, bar
+from elastictrain.config import fail
+from elastictrain.progress import Progress, bar
 
 
 @dataclass(slots=True)
@@ -95,14 +95,14 @@ class TorchStepper:
         self.model, self.opt, self.sched, self.clip = model, opt, sched, clip
 
     def save(self, directory, rank: int = 0) -> None:
-        from ..checkpoint import atomic_save
+        from elastictrain.checkpoint import atomic_save
 
         if rank == 0:
             atomic_save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                          "scheduler": self.sched.state_dict()}, Path(directory) / "engine.pt")
 
     def load(self, directory) -> None:
-        from ..checkpoint import load
+        from elastictrain.checkpoint import load
 
         state = load(Path(directory) / "engine.pt")
         self.model.load_state_dict(state["model"])
@@ -129,9 +129,12 @@ class Hooks:
     """Optional callables the loop calls; the pipeline fills them (adversarial inputs, logging)."""
 
     adversarial: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
-    """adversarial versions of a batch (``robust.attack``); the step then minimises
+    """adversarial versions of a batch (``attacks.attack``); the step then minimises
     (1 − adv_beta) · CE(clean) + adv_beta · CE(adversarial), both halves in one forward."""
     adv_beta: float = 0.5
+    on_update: Optional[Callable[[str], None]] = None
+    """called with each constraint update the constrainer made after a step ("masks",
+    "codebooks", "admm"): the stage re-masks the backend's optimizer state, checks ranks, logs."""
     on_step: Optional[Callable[[dict], None]] = None
     """called after every step with {loss, lr, step, images} (the pipeline's metric logging)."""
     progress: Optional[Progress] = None
@@ -172,13 +175,16 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
             constrainer.after_backward()
         stepper.step()
         if constrainer is not None:
-            constrainer.after_step()
+            for event in constrainer.after_step():
+                if hooks.on_update is not None:
+                    hooks.on_update(event)
         steps += 1
         n_seen += y.numel()
-        loss_sum += float(loss.detach()) * y.numel()
+        loss_value = float(loss.detach())  # one device sync per step, shared by every consumer
+        loss_sum += loss_value * y.numel()
         correct += int((out.detach().argmax(1) == y).sum())
         if hooks.on_step is not None:
-            hooks.on_step({"loss": float(loss.detach()), "lr": stepper.lr, "step": steps, "images": y.numel()})
+            hooks.on_step({"loss": loss_value, "lr": stepper.lr, "step": steps, "images": y.numel()})
         pbar.update(1, loss=loss_sum / n_seen, acc=correct / n_seen,
                     **{"img/s": round(n_seen / max(time.perf_counter() - t0, 1e-9))})
         if not hooks.finite(loss_sum):

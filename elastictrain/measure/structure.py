@@ -24,11 +24,11 @@ from typing import Optional, Union
 import torch
 import yaml
 
-from .accounting import format_table, report
-from .config import ConfigError, build
-from .files import json_safe
-from .grid import NAMED_UNITS, Grid, as4d, block_view
-from .plan import LayerPlan, layer_kind
+from elastictrain.config import ConfigError, build
+from elastictrain.constraints.grid import NAMED_UNITS, Grid, as4d, block_view
+from elastictrain.constraints.plan import LayerPlan, layer_kind
+from elastictrain.files import json_safe
+from elastictrain.measure.accounting import format_table, report
 
 GridLike = Union[Grid, str, dict]
 
@@ -155,7 +155,9 @@ def _inf(x):
 
 def format_summary(s: dict) -> str:
     """Readable text of a :func:`summary`: the accounting table, then one table per section asked for."""
-    rep = {**s, **{k: _inf(s[k]) for k in ("pruning_ratio", "nominal_compression", "storage_compression", "model_compression")},
+    rep = {**s,
+           **{k: _inf(s[k]) for k in ("pruning_ratio", "nominal_compression", "storage_compression",
+                                      "model_compression")},
            "layers": [{**l, "pruning_ratio": _inf(l["pruning_ratio"])} for l in s["layers"]]}
     parts = [f"density {s['density']:.5f}  ({s['nonzeros']} of {s['total_params']} conv/linear weights)",
              format_table(rep)]
@@ -169,7 +171,8 @@ def format_summary(s: dict) -> str:
         st = s["structured"]
         table(f"Structured sparsity — unit {{{st['unit']}}}: {st['zero_units']} of {st['units']} units entirely zero "
               f"({st['zero_fraction']:.1%})", f"{'layer':<24}{'units':>10}{'zero':>10}{'kept':>10}{'zero %':>9}",
-              st["layers"], lambda r: f"{r['units']:>10}{r['zero_units']:>10}{r['kept_units']:>10}{r['zero_fraction']:>9.1%}")
+              st["layers"],
+              lambda r: f"{r['units']:>10}{r['zero_units']:>10}{r['kept_units']:>10}{r['zero_fraction']:>9.1%}")
     if "balance" in s:
         b = s["balance"]
         table(f"Workload balance — grid {{{b['grid']}}}: non-zeros per workload "
@@ -180,6 +183,9 @@ def format_summary(s: dict) -> str:
     if "codebooks" in s:
         c = s["codebooks"]
         table(f"Codebooks — grid {{{c['grid']}}}: at most {c['max_unique']} distinct non-zero values per group "
-              f"(fits {c['fits_bits']} bits)", f"{'layer':<24}{'groups':>10}{'size':>8}{'max uniq':>10}{'mean uniq':>11}{'bits':>6}",
-              c["layers"], lambda r: f"{r['groups']:>10}{r['group_size']:>8}{r['max_unique']:>10}{r['mean_unique']:>11.2f}{r['fits_bits']:>6}")
+              f"(fits {c['fits_bits']} bits)",
+              f"{'layer':<24}{'groups':>10}{'size':>8}{'max uniq':>10}{'mean uniq':>11}{'bits':>6}",
+              c["layers"],
+              lambda r: (f"{r['groups']:>10}{r['group_size']:>8}{r['max_unique']:>10}{r['mean_unique']:>11.2f}"
+                         f"{r['fits_bits']:>6}"))
     return "\n".join(parts)

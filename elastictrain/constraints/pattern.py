@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .select import topk_mask
+from elastictrain.constraints.topk import topk_mask
 
 
 def codes_of(support_NK: torch.Tensor) -> torch.Tensor:

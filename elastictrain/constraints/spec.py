@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from .config import ConfigError, build, fail, load_yaml
-from .grid import NAMED_UNITS, Grid
+from elastictrain.config import ConfigError, build, fail, load_yaml
+from elastictrain.constraints.grid import NAMED_UNITS, Grid
 
 Unit = Union[str, Grid]
 
@@ -62,7 +62,8 @@ class Prune:
         return NAMED_UNITS[self.unit] if isinstance(self.unit, str) else self.unit
 
     @property
-    def keep_fraction(self) -> float:
+    def unit_density(self) -> float:
+        """The fraction of units this step keeps (``density``, or 1 / ``ratio``)."""
         return self.density if self.density is not None else 1.0 / self.ratio  # type: ignore[operator]
 
 

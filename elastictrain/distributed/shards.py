@@ -1,15 +1,18 @@
 """The projection when each rank holds only a flat slice of every weight (ZeRO-3).
 
 DeepSpeed's ZeRO-3 keeps rank r's part of a parameter as elements [r·P, (r+1)·P) of the flattened
-weight (P = ⌈numel / W⌉, the last slice short). Nothing here gathers a weight; what crosses the
-wire per mask update is ∝ units or buckets, plus 1 bit a weight for the finished masks:
+weight (P = ⌈numel / W⌉, the last slice short). ``project_shards`` runs the one projection loop
+(``projection.constrain``) over ``Slices``, the ``projection.Layout`` of slices. Nothing here
+gathers a weight; what crosses the wire per mask update is ∝ units or buckets, plus 1 bit a weight
+for the finished masks:
 
 - element steps (unstructured pruning, per layer or pooled across layers): the exact distributed
-  top-k of ``threshold.global_topk_mask`` — ties broken by flat index, as ``select.topk_mask`` does
+  top-k of ``threshold.global_topk_mask`` — ties broken by flat index, as ``topk.topk_mask`` does
   on the whole weight, so the masks equal the single-process ones bit for bit;
 - structured steps (filter / channel / kernel / any grid unit, balanced or not): each rank sums its
   elements' contributions into the unit-score vector (float64), one all_reduce(SUM) per layer gives
-  every rank the same scores, and the single-process selection runs on them (``projection``);
+  every rank the same scores, and the single-process selection (``topk.unit_topk_mask`` /
+  ``topk.pooled_topk_masks``) runs on them;
 - codebooks: ``kmeans.distributed_kmeans`` over each group's kept values (fixed-point sums: the
   codebooks do not depend on how the weight is split). ``uniform`` is its 0-iteration case;
 - the finished element masks are all-gathered packed (1 bit a weight), so every rank holds the
@@ -27,14 +30,14 @@ from typing import Optional
 
 import torch
 
-from ..codebook import _slots, nearest
-from ..plan import LayerPlan, Step
-from ..projection import LayerState, _select_local, _select_pool
-from ..select import keep_count
-from . import _comm
-from .kmeans import distributed_kmeans
-from .sync import pack_bits, unpack_bits
-from .threshold import Traffic, global_topk_mask
+from elastictrain.constraints.codebook import nearest, pack_slots
+from elastictrain.constraints.plan import LayerPlan, PruneStep
+from elastictrain.constraints.projection import LayerState, Member, constrain, is_element
+from elastictrain.constraints.topk import keep_count, pooled_topk_masks, unit_topk_mask
+from elastictrain.distributed import _comm
+from elastictrain.distributed.kmeans import distributed_kmeans
+from elastictrain.distributed.sync import pack_bits, unpack_bits
+from elastictrain.distributed.threshold import Traffic, global_topk_mask
 
 
 @dataclass(slots=True)
@@ -61,10 +64,6 @@ def block_ids(shape4: tuple[int, ...], parts: tuple[int, ...], start: int, n: in
     return ((f // b[0] * parts[1] + c // b[1]) * parts[2] + r // b[2]) * parts[3] + s // b[3]
 
 
-def _element(plan: LayerPlan, step: Step) -> bool:
-    return step.unit == plan.shape4
-
-
 def check_shardable(plans: dict[str, LayerPlan], where: str = "spec") -> None:
     """Raise ValueError naming the first layer whose constraints cannot be projected on slices."""
     kinds: dict[tuple, set] = {}
@@ -72,12 +71,13 @@ def check_shardable(plans: dict[str, LayerPlan], where: str = "spec") -> None:
         if plan.pattern is not None:
             raise ValueError(f"{where}: rules[{plan.rule}].pattern on {n}: pattern pruning picks positions inside "
                              "kernels, which ZeRO-3 slices can cut; use ZeRO 0–2 for it")
-        for s, step in enumerate(plan.steps):
-            if _element(plan, step) and step.workload is not None:
-                raise ValueError(f"{where}: rules[{plan.rule}] on {n}: element-level balanced / N:M selection needs whole "
-                                 "workloads on a rank; under ZeRO-3 balance structured units (e.g. kernels), or use ZeRO 0–2")
+        for step in plan.steps:
+            if is_element(plan, step) and step.workload is not None:
+                raise ValueError(f"{where}: rules[{plan.rule}] on {n}: element-level balanced / N:M selection needs "
+                                 "whole workloads on a rank; under ZeRO-3 balance structured units (e.g. kernels), "
+                                 "or use ZeRO 0–2")
             if step.scope == "global":
-                kinds.setdefault(step.pool, set()).add(_element(plan, step))
+                kinds.setdefault(step.pool, set()).add(is_element(plan, step))
                 if len(kinds[step.pool]) > 1:
                     raise ValueError(f"{where}: rules[{plan.rule}] on {n}: a pool mixing element and structured units "
                                      "cannot be selected on ZeRO-3 slices")
@@ -94,7 +94,7 @@ class ShardKept:
         order = rows.argsort(stable=True)
         self.flat, self.rows = flat[order], rows[order]
         self.G = parts[0] * parts[1] * parts[2] * parts[3]
-        self.n_G, self.pos, self.N = _slots(self.rows, self.G)
+        self.n_G, self.pos, self.N = pack_slots(self.rows, self.G)
         self.group, self.traffic = group, traffic
 
     def packed(self, x_n: torch.Tensor) -> torch.Tensor:
@@ -143,6 +143,57 @@ def gather_masks(keep: dict[str, torch.Tensor], shards: dict[str, Shard], group=
     return out
 
 
+class Slices:
+    """The ``projection.Layout`` of this rank's slices. Element steps stay sharded (the distributed
+    top-k selects on them); a structured step's unit scores are summed per rank, then all-reduced,
+    so its selection and unit masks are whole and identical on every rank."""
+
+    def __init__(self, shards: dict[str, Shard], group=None, traffic: Optional[Traffic] = None):
+        self.shards, self.group = shards, group
+        self.traffic = traffic if traffic is not None else Traffic()
+        self._last: Optional[tuple[tuple, torch.Tensor]] = None
+
+    def _block_ids(self, n: str, plan: LayerPlan, parts: tuple[int, ...]) -> torch.Tensor:
+        """``block_ids`` of the slice, kept for the next call: a layer step scores, then expands,
+        with the same ids (only the last, so at most one slice's worth of ids is held)."""
+        key = (n, tuple(parts))
+        if self._last is None or self._last[0] != key:
+            v = self.shards[n].values
+            self._last = key, block_ids(plan.shape4, parts, self.shards[n].start, v.numel(), v.device)
+        return self._last[1]
+
+    def scores(self, n: str, plan: LayerPlan, step: PruneStep, cur: torch.Tensor) -> torch.Tensor:
+        if is_element(plan, step):
+            return cur.abs()  # the slice's own (n,): selected by the distributed top-k
+        part = cur.abs() if step.norm == "l1" else cur.pow(2)
+        ids = self._block_ids(n, plan, step.unit)
+        scores_U = torch.zeros(step.units, dtype=torch.float64, device=cur.device).index_add_(0, ids, part.double())
+        return _comm.all_reduce_(self.traffic.note(scores_U), group=self.group).reshape(step.unit)
+
+    def select(self, plan: LayerPlan, step: PruneStep, scores: torch.Tensor) -> torch.Tensor:
+        if is_element(plan, step):  # no workload here: check_shardable refused element balance / N:M
+            return global_topk_mask([scores], step.keep, self.group, traffic=self.traffic)[0]
+        return unit_topk_mask(scores, step.keep, step.workload)
+
+    def select_pool(self, step: PruneStep, members: list[Member]) -> list[torch.Tensor]:
+        scores = [sc for _, _, sc in members]
+        if is_element(members[0][1], step):  # sharded scores: one distributed top-k over all members
+            total = sum(plan.params for _, plan, _ in members)
+            return global_topk_mask(scores, keep_count(total, density=step.fraction), self.group, traffic=self.traffic)
+        return pooled_topk_masks(scores, step.fraction)  # whole scores: the same on every rank
+
+    def expand(self, n: str, plan: LayerPlan, keep_U: torch.Tensor) -> torch.Tensor:
+        return keep_U.reshape(-1)[self._block_ids(n, plan, tuple(keep_U.shape))]
+
+    def quantize(self, n: str, plan: LayerPlan, q: torch.Tensor,
+                 keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = plan.quantize
+        kept = ShardKept(keep, self.shards[n].start, plan.shape4, plan.quant_parts, self.group, self.traffic)
+        book = kept.fit(q, cfg.bits, cfg.method, cfg.iters)
+        kept.quantize_(q, book)
+        return q, book
+
+
 @torch.no_grad()
 def project_shards(shards: dict[str, Shard], plans: dict[str, LayerPlan], group=None,
                    traffic: Optional[Traffic] = None) -> tuple[dict[str, torch.Tensor], dict[str, LayerState]]:
@@ -154,54 +205,7 @@ def project_shards(shards: dict[str, Shard], plans: dict[str, LayerPlan], group=
          for n in plans}
     keep = {n: torch.ones_like(x[n], dtype=torch.bool) for n in plans}
     states = {n: LayerState(mask=torch.empty(0)) for n in plans}
-    for s in range(max((len(p.steps) for p in plans.values()), default=0)):
-        pools: dict[tuple, list] = {}
-        for n, plan in plans.items():
-            if s >= len(plan.steps):
-                continue
-            step = plan.steps[s]
-            cur = torch.where(keep[n], x[n], torch.zeros_like(x[n]))
-            if _element(plan, step):
-                states[n].unit_masks.append(None)
-                if step.scope == "global":
-                    pools.setdefault(step.pool, []).append((n, cur.abs()))
-                else:
-                    keep[n] &= global_topk_mask([cur.abs()], step.keep, group, traffic=traffic)[0]
-                continue
-            ids = block_ids(plan.shape4, step.unit, shards[n].start, cur.numel(), cur.device)
-            part = cur.abs() if step.norm == "l1" else cur.pow(2)
-            scores = torch.zeros(step.units, dtype=torch.float64, device=cur.device).index_add_(0, ids, part.double())
-            scores = _comm.all_reduce_(traffic.note(scores), group=group).reshape(step.unit)
-            if step.scope == "global":
-                pools.setdefault(step.pool, []).append((n, scores))
-                continue
-            unit_mask = _select_local(scores, step)
-            states[n].unit_masks.append(unit_mask)
-            keep[n] &= unit_mask.reshape(-1)[ids]
-        for members in pools.values():
-            first = plans[members[0][0]]
-            fraction = first.steps[s].fraction
-            if _element(first, first.steps[s]):  # sharded scores: the distributed top-k over all members
-                total = sum(plans[n].params for n, _ in members)
-                masks = global_topk_mask([sc for _, sc in members], keep_count(total, density=fraction), group,
-                                         traffic=traffic)
-                for (n, _), m in zip(members, masks):
-                    keep[n] &= m
-                continue
-            for n, unit_mask in _select_pool(members, fraction):  # whole scores: the same on every rank
-                states[n].unit_masks.append(unit_mask)
-                ids = block_ids(plans[n].shape4, unit_mask.shape, shards[n].start, x[n].numel(), x[n].device)
-                keep[n] &= unit_mask.reshape(-1)[ids]
-
-    out: dict[str, torch.Tensor] = {}
-    for n, plan in plans.items():
-        q = torch.where(keep[n], x[n], torch.zeros_like(x[n]))
-        if plan.quantize is not None:
-            kept = ShardKept(keep[n], shards[n].start, plan.shape4, plan.quant_parts, group, traffic)
-            book = kept.fit(q, plan.quantize.bits, plan.quantize.method, plan.quantize.iters)
-            kept.quantize_(q, book)
-            states[n].codebook = book
-        out[n] = q.to(shards[n].values.dtype)
+    q = constrain(Slices(shards, group, traffic), x, keep, plans, states)
     for n, mask in gather_masks(keep, {n: shards[n] for n in plans}, group, traffic).items():
         states[n].mask = mask
-    return out, states
+    return {n: q[n].to(shards[n].values.dtype) for n in plans}, states

@@ -9,7 +9,7 @@ off, as world size 1, and with gloo or NCCL):
 - ``broadcast_masks`` / ``broadcast_tensors`` — make them equal (seed or repair) from one rank:
   one broadcast of packed bits (1 bit a weight: ``pack_bits`` / ``unpack_bits``) or raw bytes.
 - ``global_kth_largest`` / ``global_topk_mask`` — a global (pooled) top-k over shards (ZeRO-3)
-  equal to ``select.topk_mask`` on the concatenation, ties included: all_reduce(SUM) of bucket
+  equal to ``topk.topk_mask`` on the concatenation, ties included: all_reduce(SUM) of bucket
   counts for a few rounds, then an all_gather of at most ``max_candidates`` values and of one tie
   count per rank (the exclusive prefix that hands ties to lower ranks first). Bytes ∝ buckets.
 - ``distributed_kmeans`` — codebooks of sharded groups, bit-identical on every rank and to a
@@ -20,10 +20,17 @@ off, as world size 1, and with gloo or NCCL):
 
 Only torch / torch.distributed here: no Ray, DeepSpeed or W&B.
 """
-from .kmeans import distributed_kmeans
-from .sparse_reduce import SparseReducer
-from .sync import broadcast_masks, broadcast_tensors, check_identical, pack_bits, state_fingerprints, unpack_bits
-from .threshold import Traffic, global_kth_largest, global_topk_mask, ordered_keys
+from elastictrain.distributed.kmeans import distributed_kmeans
+from elastictrain.distributed.sparse_reduce import SparseReducer
+from elastictrain.distributed.sync import (
+           broadcast_masks,
+           broadcast_tensors,
+           check_identical,
+           pack_bits,
+           state_fingerprints,
+           unpack_bits,
+)
+from elastictrain.distributed.threshold import Traffic, global_kth_largest, global_topk_mask, ordered_keys
 
 __all__ = ["SparseReducer", "Traffic", "broadcast_masks", "broadcast_tensors", "check_identical",
            "distributed_kmeans", "global_kth_largest", "global_topk_mask", "ordered_keys", "pack_bits",

@@ -2,11 +2,19 @@
 
 Ties are broken by index (the lower index wins), never by the sort order of a particular kernel,
 so every rank that holds the same scores selects the same entries — the property the distributed
-layer relies on. Both functions cost O(n) (``kthvalue`` + a cumulative sum), not a full sort.
+layer relies on. ``topk_mask`` costs O(n) (``kthvalue`` + a cumulative sum), not a full sort;
+``unit_topk_mask`` (per layer or per workload) and ``pooled_topk_masks`` (one threshold over
+several layers) are the prune steps' selections built on it.
+
+Legend: U = a unit-score tensor (4-D, the unit grid's part counts as shape).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from elastictrain.constraints.grid import block_unview, block_view
 
 NARROW = 32  # rows at most this wide are selected by a stable sort (measured faster on CPU)
 
@@ -41,3 +49,20 @@ def keep_count(units: int, ratio: float | None = None, density: float | None = N
     """
     d = density if density is not None else 1.0 / float(ratio if ratio is not None else 1.0)
     return min(units, max(floor, int(units * d + 0.5)))
+
+
+def unit_topk_mask(scores_U: torch.Tensor, k: int, workload: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """Keep the ``k`` best units of ``scores_U``: in every workload of the grid ``workload`` over
+    it (balanced: equal counts), or, with no workload, in the whole tensor. Bool, ``scores_U``'s shape."""
+    if workload is not None:
+        rows = block_view(scores_U, workload)
+        return block_unview(topk_mask(rows, k), scores_U.shape, workload)
+    return topk_mask(scores_U.reshape(1, -1), k).reshape(scores_U.shape)
+
+
+def pooled_topk_masks(scores: list[torch.Tensor], density: float) -> list[torch.Tensor]:
+    """One threshold over every tensor of ``scores`` (a global pool): ``keep_count(total, density)``
+    kept in all, ties to the earlier tensor, then the lower index. A mask per tensor, its shape."""
+    flat = torch.cat([sc.reshape(-1) for sc in scores])
+    keep = topk_mask(flat[None], keep_count(flat.numel(), density=density))[0]
+    return [part.reshape(sc.shape) for sc, part in zip(scores, keep.split([sc.numel() for sc in scores]))]

@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from .grid import as4d, block_view
-from .pattern import codes_of, library_from_positions
-from .plan import LayerPlan, Step, pool_name
-from .select import keep_count
+from elastictrain.constraints.grid import as4d, block_view
+from elastictrain.constraints.pattern import codes_of, library_from_positions
+from elastictrain.constraints.plan import LayerPlan, PruneStep, pool_name
+from elastictrain.constraints.topk import keep_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ class Violation:
         return f"{self.name}: {self.field}: {self.message}"
 
 
-def _alive_units(w4: torch.Tensor, step: Step) -> torch.Tensor:
+def _alive_units(w4: torch.Tensor, step: PruneStep) -> torch.Tensor:
     """bool, unit-grid shaped: which units hold any non-zero."""
     return block_view(w4 != 0, step.unit).any(1).reshape(step.unit)
 
@@ -74,12 +74,14 @@ def _check_layer(name: str, plan: LayerPlan, w4: torch.Tensor, library: Optional
         if library is not None:
             outside = codes[~_within(codes, codes_of(library))]
             if outside.numel():
-                out.append(Violation(name, f"{r}.pattern.library", f"{outside.numel()} kernel supports lie within no library pattern"))
+                out.append(Violation(name, f"{r}.pattern.library",
+                                     f"{outside.numel()} kernel supports lie within no library pattern"))
             used = library.shape[0]
         else:  # full-size supports, plus smaller ones that lie within none of them
             used = full.numel() + int((~_within(codes, full)).sum())
         if used > plan.pattern.patterns:
-            out.append(Violation(name, f"{r}.pattern.patterns", f"{used} distinct kernel supports > {plan.pattern.patterns}"))
+            out.append(Violation(name, f"{r}.pattern.patterns",
+                                 f"{used} distinct kernel supports > {plan.pattern.patterns}"))
     for s, step in enumerate(plan.steps):
         if step.scope == "global":
             continue  # checked over the whole pool
@@ -107,7 +109,9 @@ def _check_layer(name: str, plan: LayerPlan, w4: torch.Tensor, library: Optional
         distinct = ((s[:, 1:] != s[:, :-1]) & (s[:, 1:] != 0)).sum(1) + (s[:, 0] != 0).long()
         if bool((distinct > L).any()):
             g = int(distinct.argmax())
-            out.append(Violation(name, f"{r}.quantize.bits", f"group {g} holds {int(distinct[g])} distinct non-zero values > 2^{plan.quantize.bits}"))
+            out.append(Violation(name, f"{r}.quantize.bits",
+                                 f"group {g} holds {int(distinct[g])} distinct non-zero values "
+                                 f"> 2^{plan.quantize.bits}"))
     return out
 
 
@@ -116,14 +120,15 @@ def verify(plans: dict[str, LayerPlan], weights: dict[str, torch.Tensor],
     """All violations of ``plans`` by ``weights`` (empty list = every constraint holds)."""
     libraries = libraries or {}
     out: list[Violation] = []
-    pools: dict[tuple, list[tuple[str, Step, torch.Tensor]]] = {}
+    pools: dict[tuple, list[tuple[str, PruneStep, torch.Tensor]]] = {}
     for name, plan in plans.items():
         if name not in weights:
             out.append(Violation(name, f"rules[{plan.rule}].match", "parameter missing from the weights"))
             continue
         w4 = as4d(weights[name].detach()).float()
         if tuple(w4.shape) != plan.shape4:
-            out.append(Violation(name, f"rules[{plan.rule}]", f"shape {tuple(weights[name].shape)} != planned {plan.shape}"))
+            out.append(Violation(name, f"rules[{plan.rule}]",
+                                 f"shape {tuple(weights[name].shape)} != planned {plan.shape}"))
             continue
         if w4.numel() == 0:  # as projection refuses it (and grids of a 0-size axis cannot be cut)
             out.append(Violation(name, f"rules[{plan.rule}]", "an empty weight cannot be constrained"))
@@ -142,5 +147,6 @@ def verify(plans: dict[str, LayerPlan], weights: dict[str, torch.Tensor],
         allowed = keep_count(units, density=members[0][1].fraction)
         if alive > allowed:
             names = ", ".join(n for n, _, _ in members[:3]) + (", …" if len(members) > 3 else "")
-            out.append(Violation(names, pool_name(key), f"{alive} units non-zero over the global pool > {allowed} allowed"))
+            out.append(Violation(names, pool_name(key),
+                                 f"{alive} units non-zero over the global pool > {allowed} allowed"))
     return out

@@ -1,6 +1,6 @@
 """Keeping constraint state (masks, pattern libraries, codebooks) identical on every rank.
 
-Masks are a deterministic function of the weights (``select`` breaks ties by index), so ranks
+Masks are a deterministic function of the weights (``topk`` breaks ties by index), so ranks
 holding identical weights compute identical masks without talking. Two things still need the wire:
 *checking* that this held (a fingerprint per layer — a few bytes, not the masks), and *repairing*
 or seeding it (a broadcast of one bit per weight, or of the codebooks' bytes).
@@ -16,7 +16,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from . import _comm
+from elastictrain.distributed import _comm
 
 _POW8 = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # bit i of a byte ↔ element i
 

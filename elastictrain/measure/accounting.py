@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from .grid import as4d
-from .pattern import codes_of
-from .plan import LayerPlan, layer_kind
+from elastictrain.constraints.grid import as4d
+from elastictrain.constraints.pattern import codes_of
+from elastictrain.constraints.plan import LayerPlan, layer_kind
 
 MAX_INDEX_WIDTH = 24
 
@@ -123,14 +123,17 @@ def report(weights: dict[str, torch.Tensor], plans: dict[str, LayerPlan]) -> dic
 
 def format_table(rep: dict) -> str:
     """A fixed-width text table of a report, one line per layer and a total line."""
-    head = f"{'layer':<24}{'shape':>18}{'params':>11}{'nonzeros':>10}{'prune×':>9}{'bits':>5}{'books':>6}{'uniq':>9}{'stored bits':>13}  encoding"
+    head = (f"{'layer':<24}{'shape':>18}{'params':>11}{'nonzeros':>10}{'prune×':>9}{'bits':>5}{'books':>6}"
+            f"{'uniq':>9}{'stored bits':>13}  encoding")
     rows = [head, "-" * len(head)]
     for l in rep["layers"]:
         rows.append(f"{l['name'][:24]:<24}{'×'.join(map(str, l['shape'])):>18}{l['params']:>11}{l['nonzeros']:>10}"
-                    f"{l['pruning_ratio']:>9.1f}{l['bits']:>5}{l['codebooks']:>6}{l['unique_values']:>9}{l['storage_bits']:>13}  {l['encoding']}")
+                    f"{l['pruning_ratio']:>9.1f}{l['bits']:>5}{l['codebooks']:>6}{l['unique_values']:>9}"
+                    f"{l['storage_bits']:>13}  {l['encoding']}")
     rows.append("-" * len(head))
     rows.append(f"{'total':<24}{'':>18}{rep['total_params']:>11}{rep['nonzeros']:>10}{rep['pruning_ratio']:>9.1f}")
     rows.append(f"nominal compression (seed's: 32·params / Σ nonzeros·bits): {rep['nominal_compression']:.1f}×")
     rows.append(f"stored-bits compression (values + index + codebooks):     {rep['storage_compression']:.1f}×")
-    rows.append(f"whole model incl. {rep['other_params']} bias/norm params at fp32:     {rep['model_compression']:.1f}×")
+    rows.append(f"whole model incl. {rep['other_params']} bias/norm params at fp32:     "
+                f"{rep['model_compression']:.1f}×")
     return "\n".join(rows)

@@ -9,17 +9,17 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import ConfigError
-from .grid import AXES, Grid, coarser
-from .select import keep_count
-from .spec import Pattern, Quantize, Spec
+from elastictrain.config import ConfigError
+from elastictrain.constraints.grid import AXES, Grid, coarser
+from elastictrain.constraints.spec import Pattern, Quantize, Spec
+from elastictrain.constraints.topk import keep_count
 
 Parts = tuple[int, int, int, int]
 BALANCE_TOLERANCE = 0.2  # warn when equal counts per workload move a ratio by more than this
 
 
 @dataclass(slots=True)
-class Step:
+class PruneStep:
     """One prune selection on one layer."""
 
     unit: Parts
@@ -49,7 +49,7 @@ class LayerPlan:
     kind: str  # conv | linear
     shape: tuple[int, ...]  # the parameter's own shape
     shape4: Parts
-    steps: list[Step] = field(default_factory=list)
+    steps: list[PruneStep] = field(default_factory=list)
     pattern: Optional[Pattern] = None
     quantize: Optional[Quantize] = None
     quant_parts: Optional[Parts] = None
@@ -57,6 +57,17 @@ class LayerPlan:
     @property
     def params(self) -> int:
         return self.shape4[0] * self.shape4[1] * self.shape4[2] * self.shape4[3]
+
+    @property
+    def weight_density(self) -> float:
+        """The fraction of the layer's weights the plan keeps: every prune step's fraction of its
+        units, times the pattern's kept share of a kernel."""
+        f = 1.0
+        for s in self.steps:
+            f *= s.fraction
+        if self.pattern is not None:
+            f *= self.pattern.entries / (self.shape4[2] * self.shape4[3])
+        return f
 
     @property
     def bits(self) -> int:
@@ -116,33 +127,35 @@ def _plan(r: int, rule, name: str, kind: str, shape: tuple[int, ...]) -> LayerPl
         if kind != "conv":
             raise ConfigError(f"{where}.pattern: {name} is a linear weight; pattern pruning needs k×k conv kernels")
         if rule.pattern.entries > K:
-            raise ConfigError(f"{where}.pattern.entries: {rule.pattern.entries} > {K} positions of a {shape4[2]}×{shape4[3]} kernel in {name}")
+            raise ConfigError(f"{where}.pattern.entries: {rule.pattern.entries} > {K} positions of a "
+                              f"{shape4[2]}×{shape4[3]} kernel in {name}")
         for i, pos in enumerate(rule.pattern.library or []):
             if max(pos) >= K:
-                raise ConfigError(f"{where}.pattern.library[{i}]: position {max(pos)} outside a {shape4[2]}×{shape4[3]} kernel in {name}")
+                raise ConfigError(f"{where}.pattern.library[{i}]: position {max(pos)} outside a "
+                                  f"{shape4[2]}×{shape4[3]} kernel in {name}")
     work = _parts(rule.balance, shape4, f"{where}.balance", name) if rule.balance is not None else None
     multi = len(rule.prunes) > 1
     for s, p in enumerate(rule.prunes):
         pw = f"{where}.prune[{s}]" if multi else f"{where}.prune"
         unit = _parts(p.grid, shape4, f"{pw}.unit", name)
-        step = Step(unit, p.keep_fraction, p.norm, p.scope, ("pool", p.pool) if p.pool else (r, s))
+        step = PruneStep(unit, p.unit_density, p.norm, p.scope, ("pool", p.pool) if p.pool else (r, s))
         if work is not None:
             if not coarser(work, unit):
                 raise ConfigError(f"{where}.balance: workloads ({rule.balance.describe()}) of {name} do not "
                                   f"contain whole units of {pw}.unit")
             step.workload = work
             per = step.units // (work[0] * work[1] * work[2] * work[3])
-            step.keep = keep_count(per, density=p.keep_fraction, floor=0)
+            step.keep = keep_count(per, density=p.unit_density, floor=0)
             if step.keep == 0:
                 raise ConfigError(f"{where}.balance: cannot be met for {name}: a workload of {per} units "
-                                  f"keeps 0 at ratio {1 / p.keep_fraction:g}")
+                                  f"keeps 0 at ratio {1 / p.unit_density:g}")
             got = per / step.keep
-            if abs(got * p.keep_fraction - 1) > BALANCE_TOLERANCE:
+            if abs(got * p.unit_density - 1) > BALANCE_TOLERANCE:
                 warnings.warn(f"{where}.balance: {name} keeps {step.keep} of {per} units per workload, "
-                              f"{got:g}× instead of {1 / p.keep_fraction:g}× (equal counts need whole units)",
+                              f"{got:g}× instead of {1 / p.unit_density:g}× (equal counts need whole units)",
                               stacklevel=2)
         elif p.scope == "layer":
-            step.keep = keep_count(step.units, density=p.keep_fraction)
+            step.keep = keep_count(step.units, density=p.unit_density)
         plan.steps.append(step)
     if rule.nm is not None:
         n, m = rule.nm.n, rule.nm.m
@@ -150,7 +163,7 @@ def _plan(r: int, rule, name: str, kind: str, shape: tuple[int, ...]) -> LayerPl
             raise ConfigError(f"{where}.nm: m={m} does not divide the channel axis of {name} (size {shape4[1]})")
         unit = (shape4[0], shape4[1], shape4[2], shape4[3])
         work = (shape4[0], shape4[1] // m, shape4[2], shape4[3])
-        plan.steps.append(Step(unit, n / m, "l2", "layer", (r, len(rule.prunes)), work, n, at_most=True))
+        plan.steps.append(PruneStep(unit, n / m, "l2", "layer", (r, len(rule.prunes)), work, n, at_most=True))
     if rule.quantize is not None:
         plan.quant_parts = _parts(rule.quantize.grid, shape4, f"{where}.quantize.groups", name)
     return plan
@@ -163,7 +176,8 @@ def _check_pools(plan: LayerPlan, fractions: dict) -> None:
         where = f"rules[{plan.rule}].prune" + (f"[{s}]" if len(plan.steps) > 1 else "")
         seen = fractions.setdefault(step.pool, (step.fraction, where, s))
         if seen[2] != s:  # the projection pools global steps position by position
-            raise ConfigError(f"{where}.pool: pool {step.pool[1]!r} is prune step {s} here but step {seen[2]} at {seen[1]}")
+            raise ConfigError(f"{where}.pool: pool {step.pool[1]!r} is prune step {s} here "
+                              f"but step {seen[2]} at {seen[1]}")
         if seen[0] != step.fraction:
             raise ConfigError(f"{where}.pool: pool {step.pool[1]!r} keeps {1 / step.fraction:g}× here but "
                               f"{1 / seen[0]:g}× at {seen[1]} (one threshold needs one ratio)")

@@ -10,20 +10,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from .plan import LayerPlan, Step
-from .select import keep_count
+from elastictrain.constraints.plan import LayerPlan, PruneStep
+from elastictrain.constraints.topk import keep_count
 
 Schedule = Literal["cubic", "linear", "oneshot"]
 
 
-def keep_fraction(target: float, progress: float, kind: Schedule = "cubic") -> float:
+def density_at(target: float, progress: float, kind: Schedule = "cubic") -> float:
+    """The fraction of units kept at ``progress`` on the way to ``target``."""
     p = min(max(progress, 0.0), 1.0)
     remaining = {"cubic": (1 - p) ** 3, "linear": 1 - p, "oneshot": 0.0}[kind]
     return target + (1 - target) * remaining
 
 
-def _step_at(step: Step, progress: float, kind: Schedule) -> Step:
-    f = keep_fraction(step.fraction, progress, kind)
+def _step_at(step: PruneStep, progress: float, kind: Schedule) -> PruneStep:
+    f = density_at(step.fraction, progress, kind)
     if step.scope == "global":
         return dataclasses.replace(step, fraction=f)
     if step.workload is not None:

@@ -1,10 +1,13 @@
 """Cluster configs: where a pipeline's stages run, and how they get there.
 
-| kind | stages run … | submitted by |
-|---|---|---|
-| ``single`` | in this process, one device | ``elastictrain run`` |
-| ``ray`` | as Ray Train jobs (``num_workers`` ranks, each a DeepSpeed engine) on an in-process Ray (``address: local``) or a running head | ``run`` (driver here), or ``submit`` through the head's Jobs API (``ray.job_server``) |
-| ``slurm`` | one sbatch job per stage, chained with ``afterok``; inside a job the stage runs on one process or on Ray Train workers across the allocation | ``elastictrain submit`` |
+Per kind — stages run …; submitted by:
+
+- ``single`` — in this process, one device; ``elastictrain run``
+- ``ray`` — as Ray Train jobs (``num_workers`` ranks, each a DeepSpeed engine) on an in-process Ray
+  (``address: local``) or a running head; ``run`` (driver here), or ``submit`` through the head's
+  Jobs API (``ray.job_server``)
+- ``slurm`` — one sbatch job per stage, chained with ``afterok``; inside a job the stage runs on one
+  process or on Ray Train workers across the allocation; ``elastictrain submit``
 
 Run directories (checkpoints, reports, job records) live under ``storage``, which on a multi-node
 cluster must be shared storage that every node and the submitting host see at the same path.

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .grid import block_view
+from elastictrain.constraints.grid import block_view
 
 
-def _slots(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pack_slots(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """For kept entries listed row by row (``rows`` ascending): entries per row, each entry's slot
     in its row's packed layout, and the widest row (at least 1)."""
     n_G = torch.bincount(rows, minlength=G)
@@ -36,7 +36,7 @@ class Packed:
     def __init__(self, x_GB: torch.Tensor, keep_GB: torch.Tensor):
         G = x_GB.shape[0]
         self.rows, self.cols = keep_GB.nonzero(as_tuple=True)  # row-major: rows ascending
-        self.n_G, self.pos, N = _slots(self.rows, G)
+        self.n_G, self.pos, N = pack_slots(self.rows, G)
         self.vals_GN = torch.full((G, N), float("inf"), dtype=x_GB.dtype)
         self.vals_GN[self.rows, self.pos] = x_GB[self.rows, self.cols]
 
@@ -57,7 +57,7 @@ class KeptIndex:
         self.rows, cols = keep_GB.nonzero(as_tuple=True)
         self.flat = flat_GB[self.rows, cols]
         self.G = keep_GB.shape[0]
-        self.n_G, self.pos, self.N = _slots(self.rows, self.G)
+        self.n_G, self.pos, self.N = pack_slots(self.rows, self.G)
         # everything kept and the groups contiguous in memory (e.g. a dense layer with filter groups):
         # the weight *is* its packed (G, N) layout, and every gather/scatter becomes a view
         self.identity = self.flat.numel() == mask4.numel() and bool(

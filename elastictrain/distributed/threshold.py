@@ -2,7 +2,7 @@
 
 For global (pooled) pruning under ZeRO-3, where each rank holds only a flat shard of every
 parameter: gathering 15M scores to keep 15k of them is the cost this avoids. The result equals
-``select.topk_mask`` on the concatenation of every rank's shards in rank order (then shard-list
+``topk.topk_mask`` on the concatenation of every rank's shards in rank order (then shard-list
 order, then flat index), ties at the threshold included.
 
 A distributed radix select:
@@ -29,8 +29,8 @@ from typing import Optional
 
 import torch
 
-from ..select import topk_mask
-from . import _comm
+from elastictrain.constraints.topk import topk_mask
+from elastictrain.distributed import _comm
 
 _KEYS = {torch.float32: (torch.int32, 0x7FFF_FFFF), torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF)}
 
@@ -164,7 +164,7 @@ def global_topk_mask(shards: list[torch.Tensor], k: int, group=None, *, buckets:
                      max_candidates: int = 4096, traffic: Optional[Traffic] = None) -> list[torch.Tensor]:
     """Keep masks (bool, each shard's shape) keeping exactly ``min(max(k, 0), total)`` values overall.
 
-    Equal to ``select.topk_mask`` on the concatenation of all ranks' flattened shards in rank
+    Equal to ``topk.topk_mask`` on the concatenation of all ranks' flattened shards in rank
     order, then list order: ties at the threshold go to lower ranks first, which takes one
     all_gather of each rank's tie count (an exclusive prefix sum).
     """

@@ -23,8 +23,8 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, fail
-from .progress import Progress, bar
+from elastictrain.config import ConfigError, fail
+from elastictrain.progress import Progress, bar
 
 
 @dataclass(slots=True)
@@ -110,7 +110,8 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig
     try:
         for _ in range(steps):
             delta.requires_grad_(True)
-            with torch.enable_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=autocast_dtype,
+                                                     enabled=autocast_dtype is not None):
                 loss = nn.functional.cross_entropy(model((x_pix + delta - mean_C11) / std_C11).float(), y)
             (g,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():  # ascend, then project onto the ε-ball ∩ [0, 1]

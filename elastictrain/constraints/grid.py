@@ -16,7 +16,7 @@ from typing import Union
 
 import torch
 
-from .config import fail
+from elastictrain.config import fail
 
 AXES = ("filter", "channel", "row", "column")
 Part = Union[str, int]  # "each" | "any" | number of equal parts

@@ -8,7 +8,7 @@ entries come back exactly 0.
 
 Requires identical masks on every rank — the buffer layout comes from them, and a rank with a
 different mask would add its entries into someone else's slots silently. Masks computed by
-``select`` from identical weights are identical; ``debug=True`` checks fingerprints every call.
+``topk`` from identical weights are identical; ``debug=True`` checks fingerprints every call.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from . import _comm
-from .sync import check_identical
+from elastictrain.distributed import _comm
+from elastictrain.distributed.sync import check_identical
 
 
 class SparseReducer:

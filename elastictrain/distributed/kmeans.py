@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..codebook import nearest
-from . import _comm
+from elastictrain.constraints.codebook import nearest
+from elastictrain.distributed import _comm
 
 
 def _pow2(e_G: torch.Tensor) -> torch.Tensor:

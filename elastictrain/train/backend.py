@@ -1,0 +1,83 @@
+"""What differs between one process and one rank of a data-parallel group, as one interface.
+
+A training stage is written once against ``Backend``: it asks the backend for the engine that
+runs forward and the optimizer step, tells it after every constraint update (so a distributed
+backend can re-mask optimizer partitions and check that every rank holds the same state), and asks
+it to reduce metrics, agree on faults, wait for every rank and gather the whole model. ``Local`` is
+the single-process backend; ``jobs.deepspeed_engine.DeepSpeedBackend`` is a DeepSpeed rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+
+from elastictrain.train.loop import TorchStepper
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped by a fault it cannot train through (NaN/Inf); the message is one line
+    naming the stage, the fault and the last good resume point. Every rank raises it together
+    (``Backend.all_finite``), so a launcher reports it once and never retries it."""
+
+
+class Backend(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: Optional[torch.dtype]
+    """the autocast compute dtype (bf16 on GPUs), or None for plain fp32."""
+
+    def engine(self, model: nn.Module, opt: torch.optim.Optimizer, sched, constrainer, *,
+               batch_per_rank: int, clip: Optional[float]) -> tuple[nn.Module, object]:
+        """(what forward calls, the stepper owning backward / step / save / load)."""
+
+    def after_update(self, constrainer, event: str) -> None:
+        """Called after every constraint update ("masks", "codebooks", "admm") on every rank."""
+
+    def reduce_metrics(self, m: dict) -> dict:
+        """Per-rank metrics → the group's (identity on one process)."""
+
+    def all_finite(self, x: float) -> bool:
+        """Whether ``x`` is finite on *every* rank (so all ranks stop together, never one alone)."""
+
+    def barrier(self) -> None:
+        """Wait for every rank (resume points are committed after all ranks wrote theirs)."""
+
+    def state_dict(self, model: nn.Module) -> dict:
+        """The whole model's state on CPU (a collective under ZeRO-3, which gathers partitions)."""
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> Optional[dict]:
+        """What a finished checkpoint keeps of the optimizer (None where it is partitioned)."""
+
+
+class Local:
+    """One process: the model itself, a ``TorchStepper``, nothing to reduce or wait for."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, device: torch.device = torch.device("cpu"), autocast: Optional[torch.dtype] = None):
+        self.device, self.autocast = device, autocast
+
+    def engine(self, model, opt, sched, constrainer, *, batch_per_rank: int, clip: Optional[float]):
+        return model, TorchStepper(model, opt, sched, clip)
+
+    def after_update(self, constrainer, event: str) -> None:
+        pass  # the constrainer already masked the torch optimizer's state itself
+
+    def reduce_metrics(self, m: dict) -> dict:
+        return m
+
+    def all_finite(self, x: float) -> bool:
+        return math.isfinite(x)
+
+    def barrier(self) -> None:
+        pass
+
+    def state_dict(self, model: nn.Module) -> dict:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> Optional[dict]:
+        return opt.state_dict()
