@@ -26,7 +26,8 @@ def test_topk_mask_is_exact_with_index_tie_break(G, B, k, seed, ties):
 
 def test_keep_count_rounding_and_floor():
     assert keep_count(1000, ratio=50) == 20
-    assert keep_count(1000, density=0.0125) == 13  # 12.5 rounds half up
+    assert keep_count(1000, density=0.0125) == 12  # 12.5 rounds down: never more than the ratio allows
+    assert keep_count(8192, ratio=10) == 819 and keep_count(3, ratio=1 / 0.7) == 2  # float error absorbed
     assert keep_count(10, ratio=1000) == 1  # a layer is never wiped out by rounding
     assert keep_count(10, ratio=1000, floor=0) == 0
     assert keep_count(7, ratio=1) == 7

@@ -15,7 +15,7 @@ from elastictrain.constraints.spec import Pattern, Quantize, Spec
 from elastictrain.constraints.topk import keep_count
 
 Parts = tuple[int, int, int, int]
-BALANCE_TOLERANCE = 0.2  # warn when equal counts per workload move a ratio by more than this
+RATIO_TOLERANCE = 0.05  # warn when whole units per workload move a ratio by more than this
 
 
 @dataclass(slots=True)
@@ -145,14 +145,12 @@ def _plan(r: int, rule, name: str, kind: str, shape: tuple[int, ...]) -> LayerPl
                                   f"contain whole units of {pw}.unit")
             step.workload = work
             per = step.units // (work[0] * work[1] * work[2] * work[3])
-            step.keep = keep_count(per, density=p.unit_density, floor=0)
-            if step.keep == 0:
-                raise ConfigError(f"{where}.balance: cannot be met for {name}: a workload of {per} units "
-                                  f"keeps 0 at ratio {1 / p.unit_density:g}")
+            step.keep = keep_count(per, density=p.unit_density)  # rounded down, at least 1
             got = per / step.keep
-            if abs(got * p.unit_density - 1) > BALANCE_TOLERANCE:
+            if abs(got * p.unit_density - 1) > RATIO_TOLERANCE:
+                less = " (at least one unit per workload)" if got * p.unit_density < 1 else ""
                 warnings.warn(f"{where}.balance: {name} keeps {step.keep} of {per} units per workload, "
-                              f"{got:g}× instead of {1 / p.unit_density:g}× (equal counts need whole units)",
+                              f"{got:g}× instead of {1 / p.unit_density:g}× (equal counts need whole units){less}",
                               stacklevel=2)
         elif p.scope == "layer":
             step.keep = keep_count(step.units, density=p.unit_density)

@@ -10,6 +10,7 @@ Legend: U = a unit-score tensor (4-D, the unit grid's part counts as shape).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,12 +44,15 @@ def topk_mask(scores_GB: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def keep_count(units: int, ratio: float | None = None, density: float | None = None, floor: int = 1) -> int:
-    """Units kept out of ``units`` for a ratio (before / kept) or a density; rounded to nearest.
+    """Units kept out of ``units`` for a ratio (before / kept) or a density, rounded **down**: a
+    ratio is a promise never to keep more than it allows (the 1e-9 absorbs float error, so 1000
+    units at 50× keep 20, not 19).
 
-    ``floor`` is the least number kept (1 for a layer, so a layer is never wiped out by rounding).
+    ``floor`` is the least number kept (1 for a layer or a workload, so neither is wiped out by
+    rounding; the achieved ratio is then lower than asked, which ``plan.resolve`` says).
     """
     d = density if density is not None else 1.0 / float(ratio if ratio is not None else 1.0)
-    return min(units, max(floor, int(units * d + 0.5)))
+    return min(units, max(floor, math.floor(units * d * (1 + 1e-9))))
 
 
 def unit_topk_mask(scores_U: torch.Tensor, k: int, workload: Optional[tuple[int, ...]] = None) -> torch.Tensor:
