@@ -26,7 +26,7 @@ from elastictrain.constraints.spec import load as load_spec
 from elastictrain.constraints.spec import parse as parse_spec
 from elastictrain.data import DataConfig
 from elastictrain.files import atomic_write
-from elastictrain.train import EnforceConfig, LRConfig, OptimConfig
+from elastictrain.train import DistillConfig, EnforceConfig, LRConfig, OptimConfig
 from elastictrain.train.attacks import AdversarialConfig
 from jobs.cluster import ClusterConfig, DeepSpeedConfig, RayConfig, SlurmConfig, load_cluster  # re-exported
 
@@ -55,6 +55,8 @@ class StageConfig:
     enforce: Optional[EnforceConfig] = None
     adversarial: Optional[AdversarialConfig] = None
     """robust training: e.g. ``{beta: 0.5, attack: {kind: pgd, eps: 0.0314, steps: 7}}``."""
+    distill: Optional[DistillConfig] = None
+    """learn from an earlier stage's model too: ``{teacher: dense_pretrain, alpha: 0.5, temperature: 4}``."""
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -90,6 +92,11 @@ class PipelineConfig:
         for i, s in enumerate(self.stages):
             if s.name in seen:
                 fail(f"stages[{i}].name", f"duplicate stage name {s.name!r}")
+            if s.distill is not None and s.distill.teacher not in seen:
+                later = " (a later stage: a teacher must have finished first)" if any(
+                    x.name == s.distill.teacher for x in self.stages) else ""
+                fail(f"stages[{i}].distill.teacher", f"{s.distill.teacher!r} is not an earlier stage{later}; "
+                     f"earlier: {', '.join(sorted(seen)) or 'none'}")
             seen.add(s.name)
 
 

@@ -28,6 +28,7 @@ from elastictrain.train import (
     Constrainer,
     Hooks,
     StageFailed,
+    Teacher,
     build_optimizer,
     build_scheduler,
     evaluate,
@@ -192,7 +193,8 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     steps_per_epoch = len(train_loader)
     metrics = StepMetrics(tracker, cfg.tracking.wandb.log_every, steps_per_epoch, ctx.world_size)
     metrics.step = start * steps_per_epoch
-    hooks = Hooks(on_step=metrics.on_step, progress=prog, finite=backend.all_finite)
+    teacher, taught_by = _teacher(ctx, stage) if stage.distill is not None else (None, None)
+    hooks = Hooks(on_step=metrics.on_step, progress=prog, finite=backend.all_finite, teacher=teacher)
     adv = stage.adversarial
     if adv is not None:  # each rank attacks its own shard of the batch
         # through the module, not a DeepSpeed engine: an engine treats any backward through it —
@@ -249,11 +251,11 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
               "test_loss": final["test_loss"], "world_size": ctx.world_size,
               "robust": {k.split(":", 1)[1]: v for k, v in final.items() if k.startswith("robust:")},
               "seconds": time.perf_counter() - t0, "epochs": stage.epochs, "history": history, "resumed": resumed,
-              "constraint_stats": constrainer.stats if constrainer else {}, **result.report}
+              "constraint_stats": constrainer.stats if constrainer else {}, "distill": taught_by, **result.report}
     ckpt = result.checkpoint(
         to_plain(stage.spec) if stage.spec is not None else None, previous=previous, epoch=stage.epochs,
         extra={"pipeline": cfg.name, "stage": stage.name, "kind": stage.kind, "model": cfg.model.name,
-               "num_classes": b.num_classes, "in_channels": b.in_channels,
+               "num_classes": b.num_classes, "in_channels": b.in_channels, "distill": taught_by,
                "optimizer_state_dict": backend.optimizer_state(opt),
                "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})})
     steps = constrainer.step if constrainer else len(train_loader) * stage.epochs
@@ -269,6 +271,21 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         checkpoint.atomic_save(ckpt, out / "checkpoint.pt")  # last: a finished checkpoint means every output is there
         resume.clear(out)
     return report
+
+
+def _teacher(ctx: Context, stage: StageConfig) -> tuple[Teacher, dict]:
+    """The frozen teacher of a distilling stage, on this rank's device (a whole replica on every
+    rank), and its reference for the checkpoint: which stage, which file, its digest."""
+    path = ctx.run_dir / stage.distill.teacher / "checkpoint.pt"
+    ckpt = finished_checkpoint(path, ctx.log)
+    if ckpt is None:
+        raise ConfigError(f"{stage.name}: distill.teacher {stage.distill.teacher!r} has not finished ({path})")
+    b = ctx.bundle
+    model = build_model(ctx.cfg.model.name, num_classes=b.num_classes, in_channels=b.in_channels).to(ctx.device)
+    model.load_state_dict(checkpoint.model_state(ckpt, str(path)))
+    ref = {"teacher": stage.distill.teacher, "checkpoint": str(path), "sha256": checkpoint.file_digest(path),
+           "alpha": stage.distill.alpha, "temperature": stage.distill.temperature}
+    return Teacher(model, stage.distill), ref
 
 
 def _cpu_state(s: LayerState) -> LayerState:

@@ -186,17 +186,20 @@ def test_bf16_autocast_over_fp32_weights(tmp_path):
 
 
 def _adversarial_worker(rank: int, world: int, spec: str, zero: int):
-    """Adversarial training through a DeepSpeed engine: each rank attacks its own shard."""
+    """Adversarial training through a DeepSpeed engine: each rank attacks its own shard, and distils
+    from a frozen teacher (a whole replica per rank, outside the engine) on the same, attacked batch."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     from elastictrain.constraints.verify import verify
     from elastictrain.models import build_model
     from elastictrain.train import (
         Constrainer,
+        DistillConfig,
         EnforceConfig,
         Hooks,
         LRConfig,
         OptimConfig,
+        Teacher,
         build_optimizer,
         build_scheduler,
         train_epoch,
@@ -208,6 +211,11 @@ def _adversarial_worker(rank: int, world: int, spec: str, zero: int):
 
     torch.manual_seed(0)
     model = build_model("smallcnn", num_classes=10, in_channels=1)
+    teacher_net = build_model("smallcnn", num_classes=10, in_channels=1)
+    teacher_net.load_state_dict(model.state_dict())
+    teacher_before = {k: v.clone() for k, v in teacher_net.state_dict().items()}
+    rows_taught = []
+    teacher_net.register_forward_hook(lambda mod, inp, out: rows_taught.append(inp[0].shape[0]))
     plans = resolve(load(spec), {n: tuple(p.shape) for n, p in model.named_parameters()})
     opt = build_optimizer(model, OptimConfig(lr=0.05))
     c = Constrainer(dict(model.named_parameters()), plans, EnforceConfig(method="fixed", refit_every=3), 6)
@@ -228,14 +236,16 @@ def _adversarial_worker(rank: int, world: int, spec: str, zero: int):
         seen.append(float((x_adv - x).abs().max() * std[0]))  # the largest pixel change
         return x_adv
 
-    m = train_epoch(engine, batches, stepper, c, Hooks(adversarial=adv, adv_beta=0.5,
+    teacher = Teacher(teacher_net, DistillConfig(teacher="dense", alpha=0.5, temperature=4.0))
+    m = train_epoch(engine, batches, stepper, c, Hooks(adversarial=adv, adv_beta=0.5, teacher=teacher,
                                                        on_update=lambda e: backend.after_update(c, e)))
     r = robust_accuracy(model, batches[:2], AttackConfig(kind="pgd", steps=3, eps=0.1, alpha=0.03), mean, std)
     c.finish()
     sd = gathered_state_dict(model) if zero == 3 else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"steps": m["steps"], "loss_finite": bool(np.isfinite(m["loss"])), "max_change": max(seen),
             "robust_images": r["images"], "violations": [str(v) for v in verify(plans, {n: sd[n] for n in plans})],
-            "checksum": c.checksum()}
+            "checksum": c.checksum(), "rows_taught": rows_taught,
+            "teacher_unchanged": all(torch.equal(teacher_before[k], v) for k, v in teacher_net.state_dict().items())}
 
 
 def test_adversarial_training_through_deepspeed_engines(tmp_path):
@@ -245,6 +255,7 @@ def test_adversarial_training_through_deepspeed_engines(tmp_path):
             assert r["steps"] == 6 and r["loss_finite"] and r["robust_images"] == 32
             assert 0.09 < r["max_change"] <= 0.1 + 1e-5  # FGSM moved pixels by up to ε
             assert r["violations"] == []
+            assert r["rows_taught"] == [32] * 6 and r["teacher_unchanged"]  # clean + attacked rows, frozen
         assert r0["checksum"] == r1["checksum"]
 
 

@@ -1,7 +1,8 @@
 """The epoch loop: optimizer and LR schedule from typed configs, one training epoch, evaluation.
 
 One step is: ``before_forward`` → (adversarial inputs, if a hook is given: attacked at the
-effective — quantized — weights the forward will use) → forward/backward → ``after_backward`` →
+effective — quantized — weights the forward will use) → forward (+ a frozen teacher's forward on
+the same inputs, when distilling) → backward → ``after_backward`` →
 clip → optimizer step → LR step → ``after_step``. Under data parallelism the
 gradient all-reduce happens inside backward (DDP / DeepSpeed), so every rank steps identical
 weights and the constrainer's deterministic updates stay identical too.
@@ -19,6 +20,7 @@ from torch import nn
 
 from elastictrain.config import fail
 from elastictrain.progress import Progress, bar
+from elastictrain.train.distill import Teacher
 
 
 @dataclass(slots=True)
@@ -132,6 +134,9 @@ class Hooks:
     """adversarial versions of a batch (``attacks.attack``); the step then minimises
     (1 − adv_beta) · CE(clean) + adv_beta · CE(adversarial), both halves in one forward."""
     adv_beta: float = 0.5
+    teacher: Optional[Teacher] = None
+    """knowledge distillation: the loss is mixed with a frozen teacher's soft targets on the same
+    inputs (``distill.Teacher``)."""
     on_update: Optional[Callable[[str], None]] = None
     """called with each constraint update the constrainer made after a step ("masks",
     "codebooks", "admm"): the stage re-masks the backend's optimizer state, checks ranks, logs."""
@@ -169,7 +174,9 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
                 loss = loss_fn(out, y)
             else:  # [clean; adversarial]: the seed's adversarial_beta mix
                 loss = (1 - hooks.adv_beta) * loss_fn(out[:n], y) + hooks.adv_beta * loss_fn(out[n:], y)
-                out = out[:n]
+        if hooks.teacher is not None:  # on every row the student saw, adversarial ones included
+            loss = hooks.teacher.mix(loss, x, out, autocast_dtype)
+        out = out[:n]
         stepper.backward(loss)
         if constrainer is not None:
             constrainer.after_backward()
