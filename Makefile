@@ -66,6 +66,7 @@ bench: setup data
 	$(BIN)/python bench/artifact.py
 	$(BIN)/python bench/robust.py                 # robust.json (ε = 8/255)
 	$(BIN)/python bench/robust.py --eps 0.1       # robust-eps0.1.json
+	$(BIN)/python bench/peers.py                  # peers.json/.md: against a plain torch.nn.utils.prune script
 	$(BIN)/python bench/demo.py                   # demo.json/.md: make demo and make demo-single, timed
 	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (SmallCNN; the longest, see table-cpu.json)
 
