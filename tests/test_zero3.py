@@ -19,6 +19,18 @@ from test_dist import run2
 
 from elastictrain.constraints.plan import resolve
 from elastictrain.constraints.spec import load
+from elastictrain.train import (  # (no DeepSpeed behind these: safe before a worker sets its environment)
+    Constrainer,
+    DistillConfig,
+    EnforceConfig,
+    Hooks,
+    LRConfig,
+    OptimConfig,
+    Teacher,
+    build_optimizer,
+    build_scheduler,
+    train_epoch,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "configs/specs/smallcnn-zero3-mixture.yaml"
@@ -34,16 +46,6 @@ def _worker(rank: int, world: int, spec: str):
     from elastictrain.constraints.schedule import plans_at
     from elastictrain.constraints.verify import verify
     from elastictrain.models import build_model
-    from elastictrain.train import (
-        Constrainer,
-        EnforceConfig,
-        Hooks,
-        LRConfig,
-        OptimConfig,
-        build_optimizer,
-        build_scheduler,
-        train_epoch,
-    )
     from jobs.backend import DeepSpeedBackend
     from jobs.cluster import DeepSpeedConfig
     from jobs.deepspeed_engine import gathered_state_dict
@@ -135,16 +137,6 @@ def _bf16_worker(rank: int, world: int, spec: str, zero: int):
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     from elastictrain.constraints.verify import verify
     from elastictrain.models import build_model
-    from elastictrain.train import (
-        Constrainer,
-        EnforceConfig,
-        Hooks,
-        LRConfig,
-        OptimConfig,
-        build_optimizer,
-        build_scheduler,
-        train_epoch,
-    )
     from jobs.backend import DeepSpeedBackend
     from jobs.cluster import DeepSpeedConfig
     from jobs.deepspeed_engine import autocast_dtype, gathered_state_dict
@@ -192,18 +184,6 @@ def _adversarial_worker(rank: int, world: int, spec: str, zero: int):
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     from elastictrain.constraints.verify import verify
     from elastictrain.models import build_model
-    from elastictrain.train import (
-        Constrainer,
-        DistillConfig,
-        EnforceConfig,
-        Hooks,
-        LRConfig,
-        OptimConfig,
-        Teacher,
-        build_optimizer,
-        build_scheduler,
-        train_epoch,
-    )
     from elastictrain.train.attacks import AttackConfig, attack, robust_accuracy
     from jobs.backend import DeepSpeedBackend
     from jobs.cluster import DeepSpeedConfig
@@ -267,16 +247,6 @@ def _resume_worker(rank: int, world: int, spec: str, zero: int, where: str):
     import torch.distributed as dist
 
     from elastictrain.models import build_model
-    from elastictrain.train import (
-        Constrainer,
-        EnforceConfig,
-        Hooks,
-        LRConfig,
-        OptimConfig,
-        build_optimizer,
-        build_scheduler,
-        train_epoch,
-    )
     from jobs.backend import DeepSpeedBackend
     from jobs.cluster import DeepSpeedConfig
     from jobs.deepspeed_engine import gathered_state_dict
