@@ -32,9 +32,10 @@ class Compressed:
             raise RuntimeError(f"{where}: output violates its spec: " + "; ".join(map(str, self.violations[:3])))
 
     def checkpoint(self, spec: Optional[dict], previous: Optional[dict] = None, epoch: int = 0,
-                   extra: Optional[dict] = None) -> dict:
-        """The checkpoint dict (``checkpoint.compressed_checkpoint``); checked first."""
-        self.check("compressed model")
+                   extra: Optional[dict] = None, where: str = "compressed model") -> dict:
+        """The checkpoint dict (``checkpoint.compressed_checkpoint``); checked first (``where``
+        names the producer in the error)."""
+        self.check(where)
         return compressed_checkpoint(self.state_dict, self.states, spec, previous, epoch, extra)
 
 

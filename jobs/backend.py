@@ -31,7 +31,6 @@ class DeepSpeedBackend:
     def engine(self, model, opt, sched, constrainer, *, batch_per_rank: int, clip: Optional[float]):
         return initialize(self.ds, model, opt, sched, constrainer, batch_per_rank, self.world_size, clip)
 
-    @torch.no_grad()  # (in-place writes into DeepSpeed's leaf partitions)
     def after_update(self, constrainer, event: str) -> None:
         if event == "masks":
             remask_master(constrainer, self.ds.zero_stage)

@@ -176,8 +176,6 @@ class ClusterConfig:
             fail("ray.gpus_per_worker", "device: cuda needs GPUs per worker")
 
 
-
-
 DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "configs" / "clusters" / "local.yaml"
 
 

@@ -158,6 +158,6 @@ def snapshot_pipeline(source: PipelineFile, dest: str | Path, more: Sequence[str
     return Path(dest)
 
 
-__all__ = ["ClusterConfig", "DeepSpeedConfig", "RayConfig", "SlurmConfig", "ModelConfig", "PipelineConfig",
-           "StageConfig", "load_cluster", "PipelineFile", "load_pipeline", "parse_spec", "read_pipeline",
+__all__ = ["ClusterConfig", "DeepSpeedConfig", "ModelConfig", "PipelineConfig", "PipelineFile", "RayConfig",
+           "SlurmConfig", "StageConfig", "load_cluster", "load_pipeline", "parse_spec", "read_pipeline",
            "snapshot_pipeline"]

@@ -245,7 +245,6 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     final = backend.reduce_metrics(final)
     sd = backend.state_dict(model)
     result = compress.finish(sd, {n: _cpu_state(s) for n, s in states.items()}, plans)
-    result.check(where)  # the stage's own output must satisfy its spec; anything else is a bug
     report = {"format": STAGE_FORMAT, "pipeline": cfg.name, "stage": stage.name, "kind": stage.kind,
               "model": cfg.model.name, "data": cfg.data.name, "top1": final["top1"], "top5": final["top5"],
               "test_loss": final["test_loss"], "world_size": ctx.world_size,
@@ -257,7 +256,8 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         extra={"pipeline": cfg.name, "stage": stage.name, "kind": stage.kind, "model": cfg.model.name,
                "num_classes": b.num_classes, "in_channels": b.in_channels, "distill": taught_by,
                "optimizer_state_dict": backend.optimizer_state(opt),
-               "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})})
+               "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})},
+        where=where)  # checked: the stage's own output must satisfy its spec; anything else is a bug
     steps = constrainer.step if constrainer else len(train_loader) * stage.epochs
     ckpt["local_dict"].update({"finished": True, "step": steps})
     if ctx.rank == 0:  # every rank holds the same weights and state; one writes
