@@ -8,7 +8,7 @@ DEMO   := runs/demo
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data lint test demo demo-single demo-compress bench clean
+.PHONY: setup data lint test demo demo-single demo-compress bench bench-setup clean
 
 setup: $(STAMP)
 
@@ -23,13 +23,14 @@ data:
 
 # torch first (a large CUDA build; pinned in constraints.txt), then DeepSpeed without build
 # isolation (its build imports torch; isolated, pip would fetch a second torch) and with its CPU
-# shared-memory collective compiled now rather than at the first run (~60 s), then the rest.
+# shared-memory collective compiled now rather than at the first run (~60 s), then the rest with
+# the dev and deploy extras (deploy: onnx, onnxruntime, onnxscript for `elastictrain deploy`).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "setuptools>=64" wheel
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
 	DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed
-	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev,deploy]'
 	touch $(STAMP)
 
 # ruff first (lint, import order, 120-column lines: pyproject.toml's [tool.ruff]), then the suite
@@ -56,9 +57,14 @@ demo-compress: setup
 		--out $(DEMO)/vgg16-mixture.pt --report $(DEMO)/vgg16-mixture.json
 	$(ET) verify $(DEMO)/vgg16-mixture.pt --spec configs/specs/vgg16-mixture.yaml
 
+# The peer libraries bench/peers.py compares against (bench/requirements.txt: benchmark-only, not
+# dependencies of the package); constraints.txt keeps the venv's torch as it is.
+bench-setup: setup
+	$(BIN)/pip install -c constraints.txt -r bench/requirements.txt
+
 # The CPU benchmarks behind every figure the README quotes; each prints its table and writes
 # bench/results/<name>.json (with the machine's description inside). --quick runs write NAME-quick.json.
-bench: setup data
+bench: setup data bench-setup
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/ds_overhead.py
@@ -66,9 +72,11 @@ bench: setup data
 	$(BIN)/python bench/artifact.py
 	$(BIN)/python bench/robust.py                 # robust.json (ε = 8/255)
 	$(BIN)/python bench/robust.py --eps 0.1       # robust-eps0.1.json
-	$(BIN)/python bench/peers.py                  # peers.json/.md: against a plain torch.nn.utils.prune script
+	$(BIN)/python bench/peers.py                  # peers.json/.md: against a plain torch.nn.utils.prune script and torchao
+	$(BIN)/python bench/peers.py --seed 1 --variants magnitude
+	$(BIN)/python bench/peers.py --seed 2 --variants magnitude
 	$(BIN)/python bench/demo.py                   # demo.json/.md: make demo and make demo-single, timed
-	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (SmallCNN; the longest, see table-cpu.json)
+	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (VGG-CPU; the longest, see table-cpu.json)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .hypothesis

@@ -15,7 +15,11 @@ to 1/ratio of its count (global unstructured). Per ratio:
 - **ElasticTrain** — ``elastictrain run`` of the two-stage pipeline ``configs/experiments/peers.yaml``
   (dense_pretrain → progressive_prune with ``{match: "*", prune: {ratio: R, scope: global}}``), the
   recipe as that file states it; and the same **+ distillation** from its own dense model
-  (``distill: {teacher: dense_pretrain, alpha: 0.5, temperature: 4}``).
+  (``distill: {teacher: dense_pretrain, alpha: 0.5, temperature: 4}``);
+- **torchao** (``--peers torchao``, installed by ``make bench-setup``) — the plain row's training and
+  schedule with torchao's ``WeightNormSparsifier`` (1×1 blocks, L1) under its ``CubicSL`` scheduler
+  instead of ``torch.nn.utils.prune``; per-layer, not global: each weight kept at 1/ratio
+  (bench/peer_libs.py).
 
 Each side trains its dense model once and prunes it at every ratio. Each row reports dense and
 final top-1 (10,000 test images), the non-zeros kept and the seconds of dense + pruning training.
@@ -42,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe  # noqa: E402
+from bench.peer_libs import torchao_prune  # noqa: E402
 from elastictrain.data import Batches, BatchLoader, DataConfig, load  # noqa: E402
 from elastictrain.models import build_model  # noqa: E402
 from elastictrain.train import evaluate  # noqa: E402
@@ -108,7 +113,15 @@ class Plain:
                 "seconds": self.dense_seconds + time.perf_counter() - t0}
 
 
-def elastictrain(ratio: float, a, out: Path, distill: bool, dense_from: Optional[Path]) -> dict:
+# ElasticTrain's rows: a name → the pipeline settings (``--set``) that make it
+VARIANTS = {
+    "magnitude": ("ElasticTrain", []),
+    "kd": ("ElasticTrain + distillation",
+           ["stages.progressive_prune.distill={teacher: dense_pretrain, alpha: 0.5, temperature: 4.0}"]),
+}
+
+
+def elastictrain(ratio: float, a, out: Path, extra: list[str], dense_from: Optional[Path]) -> dict:
     """``elastictrain run`` of peers.yaml at ``ratio``; the dense stage is trained once (the first
     call) and reused (``dense_from``: its finished folder), as a rerun of the pipeline would."""
     from pipeline.config import load_cluster, read_pipeline
@@ -119,8 +132,7 @@ def elastictrain(ratio: float, a, out: Path, distill: bool, dense_from: Optional
             f"stages.progressive_prune.spec={{rules: [{{match: '*', prune: {{ratio: {ratio}, scope: global}}}}]}}"]
     if a.limit_train:
         sets.append(f"data.limit_train={a.limit_train}")
-    if distill:
-        sets.append("stages.progressive_prune.distill={teacher: dense_pretrain, alpha: 0.5, temperature: 4.0}")
+    sets += extra
     if out.exists():
         shutil.rmtree(out)
     if dense_from is not None:
@@ -141,9 +153,16 @@ def main() -> None:
     ap.add_argument("--dense-epochs", type=int, default=4)
     ap.add_argument("--prune-epochs", type=int, default=4)
     ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"ElasticTrain rows, of {', '.join(VARIANTS)}")
+    ap.add_argument("--peers", default="torchao", help="peer libraries' rows, of torchao ('' for none)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (expected some of {', '.join(VARIANTS)})")
+    if set(a.peers.split(",")) - {"torchao", ""}:
+        ap.error(f"--peers: unknown {a.peers} (expected torchao or '')")
     if a.quick:
         a.dense_epochs, a.prune_epochs, a.limit_train = 1, 1, 6000
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -153,9 +172,12 @@ def main() -> None:
     for ratio in [float(r) for r in a.ratios.split(",")]:
         runs = ROOT / "runs" / "bench-peers" / f"s{a.seed}"
         results = {"plain PyTorch (torch.nn.utils.prune)": plain.prune(ratio)}
-        results["ElasticTrain"] = elastictrain(ratio, a, runs / f"r{ratio:g}", False, dense_dir)
-        dense_dir = dense_dir or runs / f"r{ratio:g}" / "dense_pretrain"
-        results["ElasticTrain + distillation"] = elastictrain(ratio, a, runs / f"r{ratio:g}-kd", True, dense_dir)
+        if "torchao" in a.peers.split(","):
+            results["torchao (WeightNormSparsifier, per-layer)"] = torchao_prune(plain, ratio)
+        for key in a.variants.split(","):
+            label, extra = VARIANTS[key]
+            results[label] = elastictrain(ratio, a, runs / f"r{ratio:g}-{key}", extra, dense_dir)
+            dense_dir = dense_dir or runs / f"r{ratio:g}-{key}" / "dense_pretrain"
         for name, r in results.items():
             rows.append({"ratio": ratio, "method": name, **r, "achieved_ratio": r["params"] / max(r["nonzeros"], 1)})
         print("  ".join(f"{ratio:g}× {name}: {r['top1']:.2%}" for name, r in results.items()), flush=True)

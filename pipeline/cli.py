@@ -119,6 +119,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from .deploy import DeployRequest, run_deploy
+
+    run_deploy(DeployRequest(Path(args.checkpoint), Path(args.out), formats=args.format,
+                             input_shape=args.input_shape, model=args.model))
+    return 0
+
+
 def cmd_submit(args) -> int:
     from .submit import submit
 
@@ -183,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     _set_option(s)
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("eval", help="accuracy, robust accuracy and compression statistics of a checkpoint or .etz")
+    s = sub.add_parser("eval", help="accuracy, robust accuracy and compression statistics of a checkpoint or .etz "
+                                    "(accuracy of a deployed .pt2 / .onnx)")
     s.add_argument("checkpoint")
     s.add_argument("--data", help="data set name (fashion-mnist, mnist, cifar10, cifar100, imagefolder); "
                                   "without it only compression statistics are reported")
@@ -209,6 +218,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("deploy", help="a checkpoint or .etz as a physically smaller model: .pt2 (torch.export) "
+                                      "and .onnx, pruned channels removed, BatchNorm folded")
+    s.add_argument("checkpoint")
+    s.add_argument("--out", required=True, help="folder for model.pt2, model.onnx and deploy.json (written atomically)")
+    s.add_argument("--format", default="torch,onnx", help="comma-separated: torch (.pt2), onnx (default: both)")
+    s.add_argument("--input-shape", metavar="C,H,W",
+                   help="one image's shape (default: the checkpoint's data set's, e.g. 1,28,28 for Fashion-MNIST)")
+    s.add_argument("--model", help="model name when the checkpoint records none (the seed's checkpoints)")
+    s.set_defaults(fn=cmd_deploy)
 
     s = sub.add_parser("submit", help="submit a pipeline's unfinished stages to a Slurm or Ray cluster")
     s.add_argument("pipeline")

@@ -57,6 +57,9 @@ class StageConfig:
     """robust training: e.g. ``{beta: 0.5, attack: {kind: pgd, eps: 0.0314, steps: 7}}``."""
     distill: Optional[DistillConfig] = None
     """learn from an earlier stage's model too: ``{teacher: dense_pretrain, alpha: 0.5, temperature: 4}``."""
+    dropout: Optional[float] = None
+    """every dropout layer's probability in this stage (None: the model's own). A network pruned to a
+    few percent of its weights has little left to regularize: 0 trains it better."""
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -65,6 +68,8 @@ class StageConfig:
             self.kind = self.name  # type: ignore[assignment]
         if self.epochs < 1:
             fail("epochs", f"must be >= 1 (got {self.epochs})")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            fail("dropout", f"must be in [0, 1) (got {self.dropout})")
         if self.kind == "dense_pretrain" and self.spec is not None:
             fail("spec", "a dense_pretrain stage trains without constraints; remove the spec")
         if self.kind in ("progressive_prune", "quantize") and self.spec is None:

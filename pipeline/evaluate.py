@@ -2,7 +2,8 @@
 
 Reads this project's checkpoints, the research release's (``model_state_dict`` +
 ``elastic_trainer_state_dict.model_buffers_state_dict`` + ``local_dict``: compression baked into
-the weights) and packed ``.etz`` artifacts. Checkpoints load with ``weights_only=True`` only: a file
+the weights), packed ``.etz`` artifacts and, for accuracy alone, deployed ``.pt2`` / ``.onnx`` models
+(``elastictrain deploy``). Checkpoints load with ``weights_only=True`` only: a file
 that needs arbitrary unpickling is refused before any of it runs. No Ray, DeepSpeed or cluster.
 
 Without data it reports compression alone (inspecting a checkpoint needs no data set). The model
@@ -20,6 +21,7 @@ import torch
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError
 from elastictrain.constraints.plan import layer_kind
+from elastictrain.deploy.export import SUFFIXES, Deployed
 from elastictrain.files import write_json
 
 
@@ -67,7 +69,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _model_for(ckpt: dict, sd: dict, req: EvalRequest, bundle=None):
+def model_for(ckpt: dict, sd: dict, req: EvalRequest, bundle=None):
+    """The checkpoint's model with its weights (ConfigError when they do not fit it or ``bundle``'s data)."""
     from elastictrain.models import build_model
 
     name = req.model or ckpt.get("model")
@@ -125,10 +128,53 @@ def parse_rename(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _load_data(req: EvalRequest):
+    from elastictrain.data import DataConfig
+    from elastictrain.data import load as load_data
+
+    data = DataConfig(name=req.data, root=req.data_root, pad_to=req.pad_to, limit_test=req.limit_test,
+                      eval_batch_size=req.batch_size)
+    try:
+        return data, load_data(data)
+    except ValueError as e:  # a missing folder or a malformed file, named by the reader
+        raise ConfigError(str(e)) from None
+
+
+def _eval_deployed(req: EvalRequest, log) -> dict:
+    """Top-1 / top-5 of a deployed ``.pt2`` (torch) or ``.onnx`` (onnxruntime, CPU, 2 threads)."""
+    from elastictrain.data.loader import make_test_loader
+    from elastictrain.progress import Progress
+    from elastictrain.train import evaluate
+
+    if req.data is None:
+        raise ConfigError(f"{req.path}: a deployed model is evaluated on test images; pass --data")
+    stats = [f for f in ("attacks", "unit", "balance", "groups", "rename", "plots", "model") if getattr(req, f)]
+    if stats:  # compression statistics, attacks and renames need the checkpoint's weights and masks
+        raise ConfigError(f"--{stats[0].replace('_', '-')}: not for a deployed model ({req.path.name}); "
+                          "pass the checkpoint it was deployed from")
+    if SUFFIXES[req.path.suffix] == "onnx" and req.device == "cuda":
+        raise ConfigError("--device cuda: an .onnx model is evaluated with onnxruntime on the CPU")
+    device = _device(req.device) if SUFFIXES[req.path.suffix] == "torch" else torch.device("cpu")
+    model = Deployed(req.path, device)
+    data, bundle = _load_data(req)
+    image = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    if model.input_shape != image:
+        raise ConfigError(f"{req.path}: deployed for {'×'.join(map(str, model.input_shape))} images; {req.data} "
+                          f"gives {'×'.join(map(str, image))} here (set --pad-to to match)")
+    acc = evaluate(model, make_test_loader(bundle, data, device), progress=Progress("auto", log, prefix="[eval] "))
+    out = {"checkpoint": str(req.path), "format": model.format, **acc}
+    log(f"top-1 {out['top1']:.2%}  top-5 {out['top5']:.2%} on {out['test_images']} test images ({device})")
+    if req.json is not None:
+        write_json(out, req.json)
+    return out
+
+
 def run_eval(req: EvalRequest, log=print) -> dict:
     """Everything ``elastictrain eval`` prints, as a dict (also written to ``req.json``)."""
     from elastictrain.measure.structure import format_summary, summary
 
+    if req.path.suffix in SUFFIXES:
+        return _eval_deployed(req, log)
     device = _device(req.device)
     ckpt = load_any(req.path)
     sd = checkpoint.model_state(ckpt, str(req.path))
@@ -140,21 +186,11 @@ def run_eval(req: EvalRequest, log=print) -> dict:
                   unit=req.unit, balance=req.balance, groups=req.groups)
     out = {"checkpoint": str(req.path), "epoch": ckpt.get("local_dict", {}).get("epoch"), **out,
            **_packed(req.path, ckpt)}
-    bundle = None
-    if req.data is not None:
-        from elastictrain.data import DataConfig
-        from elastictrain.data import load as load_data
-        from elastictrain.data.loader import make_test_loader
-
-        data = DataConfig(name=req.data, root=req.data_root, pad_to=req.pad_to, limit_test=req.limit_test,
-                          eval_batch_size=req.batch_size)
-        try:
-            bundle = load_data(data)
-        except ValueError as e:  # a missing folder or a malformed file, named by the reader
-            raise ConfigError(str(e)) from None
-    model = (_model_for(ckpt, sd, req, bundle).to(device)
+    data, bundle = _load_data(req) if req.data is not None else (None, None)
+    model = (model_for(ckpt, sd, req, bundle).to(device)
              if bundle is not None or req.model or ckpt.get("model") else None)
     if bundle is not None:
+        from elastictrain.data.loader import make_test_loader
         from elastictrain.progress import Progress
         from elastictrain.train import evaluate
         from elastictrain.train.attacks import robust_accuracy

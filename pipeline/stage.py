@@ -140,6 +140,14 @@ def run_stage(ctx: Context, index: int, previous: Optional[dict]) -> dict:
     return report
 
 
+def set_dropout(model: torch.nn.Module, p: float) -> int:
+    """Every dropout layer of ``model`` drops with probability ``p``; returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m in layers:
+        m.p = p
+    return len(layers)
+
+
 def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> dict:
     cfg, stage = ctx.cfg, ctx.cfg.stages[index]
     where = f"stages[{index}]"
@@ -149,6 +157,8 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     model = build_model(cfg.model.name, num_classes=b.num_classes, in_channels=b.in_channels).to(ctx.device)
     if previous is not None:
         model.load_state_dict(checkpoint.model_state(previous))
+    if stage.dropout is not None:
+        set_dropout(model, stage.dropout)
     params = dict(model.named_parameters())
     plans = plans_for(stage, {n: tuple(p.shape) for n, p in params.items()}, where)
     per_rank = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // ctx.world_size,

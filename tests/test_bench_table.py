@@ -40,7 +40,7 @@ def test_unknown_row_is_refused():
 
 @pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST missing")
 def test_quick_row_figures_come_from_the_reports(tmp_path, capsys):
-    argv = ["--quick", "--rows", "50x-4bit", "--train-images", "1000", "--out", str(tmp_path / "runs"),
+    argv = ["--quick", "--rows", "200x-2bit-64cb", "--train-images", "1000", "--out", str(tmp_path / "runs"),
             "--results", str(tmp_path / "results")]
     table.main(argv)
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -48,20 +48,23 @@ def test_quick_row_figures_come_from_the_reports(tmp_path, capsys):
     assert (tmp_path / "results" / "table-cpu-quick.json").is_file()
     assert result["quick"] and result["machine"]["logical_cores"] >= 1
     rows = {r["row"]: r for r in result["rows"]}
-    # 50x-unstructured only lent its prune stage: not a finished row, so not in the table
-    assert set(rows) == {"dense", "50x-4bit"} and "50x-unstructured" in result["missing_rows"]
-    run = tmp_path / "runs" / "50x-4bit"
+    # 200x-unstructured only lent its prune stage: not a finished row, so not in the table
+    assert set(rows) == {"dense", "200x-2bit-64cb"} and "200x-unstructured" in result["missing_rows"]
+    run = tmp_path / "runs" / "200x-2bit-64cb"
     assert (run / "dense_pretrain").is_symlink() and (run / "progressive_prune").is_symlink()
-    f = rows["50x-4bit"]["figures"]
+    f = rows["200x-2bit-64cb"]["figures"]
     rep = json.loads((run / "finetune" / "report.json").read_text())
     dense = json.loads((tmp_path / "runs" / "dense" / "dense_pretrain" / "report.json").read_text())
     assert f["top1"] == rep["top1"] and f["honest_compression"] == rep["honest_compression"]
     assert f["drop_pp"] == pytest.approx(100 * (rep["top1"] - dense["top1"]))
-    assert f["bits"] == [4] and set(f["codebooks_per_layer"].values()) == {1}
-    assert f["pruning_ratio"] == pytest.approx(50, rel=0.01)
-    assert f["nominal_compression"] == pytest.approx(8 * f["pruning_ratio"])  # 32 / 4 bits on every weight
+    # 64 codebooks a layer, but the first conv's 32 filters of one 3×3 kernel allow 32
+    assert f["bits"] == [2] and f["codebooks_per_layer"] == {"features.0.weight": 32, **{
+        n: 64 for n in ("features.3.weight", "features.6.weight", "features.10.weight", "features.13.weight",
+                        "classifier.weight")}}
+    assert f["pruning_ratio"] == pytest.approx(200, rel=0.01)
+    assert f["nominal_compression"] == pytest.approx(16 * f["pruning_ratio"])  # 32 / 2 bits on every weight
     assert 1 < f["honest_compression"] < f["nominal_compression"]  # indices and codebooks cost bits
-    assert f["seed"]["row"].startswith("8000×") and f["shared_stages"] == ["progressive_prune"]
+    assert f["seed"]["row"].startswith("16000×") and f["shared_stages"] == ["progressive_prune"]
     assert rows["dense"]["figures"]["pgd"]["images"] == 200  # the dense model's PGD accuracy is measured
     # a rerun trains nothing: every figure is the same, the reports untouched
     mtime = (run / "finetune" / "report.json").stat().st_mtime_ns

@@ -38,6 +38,11 @@ def smallcnn(tmp_path_factory):
     return _init(tmp_path_factory, "smallcnn", in_channels=1)
 
 
+@pytest.fixture(scope="module")
+def vggcpu(tmp_path_factory):
+    return _init(tmp_path_factory, "vggcpu", in_channels=1)
+
+
 def test_example_specs_exist():
     names = {p.stem for p in SPECS}
     for row in ["50x-unstructured", "500x-unstructured", "1000x-unstructured", "100x-kernel", "500x-kernel",

@@ -18,6 +18,7 @@ EXPECTED_PARAMS = {
     "resnet18": 11_173_962, "resnet34": 21_282_122, "resnet50": 23_520_842,
     "resnet101": 42_512_970, "resnet152": 58_156_618,
     "mobilenetv2": 2_236_682, "lenet5": 62_006, "convnet": 242_474, "smallcnn": 826666,
+    "vggcpu": 981_802,
 }
 HEAVY = {"resnet101", "resnet152"}  # only one 28×28 image forward: a full sweep costs seconds each
 NEEDS_32 = {"vgg11", "vgg13", "vgg16", "vgg19"}  # five 2×2 max-pools: 28×28 pools to nothing
@@ -98,6 +99,20 @@ def test_convnet_is_small():
     assert 150_000 <= n_params(model) <= 300_000
     assert list(constrainable(model)) == ["features.0.weight", "features.3.weight", "features.7.weight",
                                           "features.11.weight", "classifier.weight"]
+
+
+def test_vggcpu_is_conv_dominated():
+    """The CPU tier's model for kernel, pattern and balanced rows: ≥ 90% and ≥ 0.5 M of its weights in
+    3×3 convs, each followed by BatchNorm."""
+    model = build_model("vggcpu", num_classes=10, in_channels=1)
+    weights = constrainable(model)
+    conv = {n: w for n, w in weights.items() if w.dim() == 4}
+    total = sum(w.numel() for w in weights.values())
+    assert sum(w.numel() for w in conv.values()) >= max(500_000, 0.9 * total)
+    assert {tuple(w.shape[2:]) for w in conv.values()} == {(3, 3)}
+    layers = list(model.features)
+    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(layers[i + 1], nn.BatchNorm2d) for i in convs) and len(convs) == len(conv)
 
 
 @pytest.mark.parametrize("name", list_models())

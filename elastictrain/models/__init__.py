@@ -22,6 +22,7 @@ from elastictrain.models.resnet_cifar import RESNET_CIFAR_BLOCKS, resnet_cifar
 from elastictrain.models.smallcnn import smallcnn
 from elastictrain.models.torchvision_zoo import torchvision_model
 from elastictrain.models.vgg import VGG_CONFIGS, vgg
+from elastictrain.models.vggcpu import vggcpu
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -33,6 +34,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": mobilenetv2,
     "lenet5": lenet5,
     "convnet": convnet,
+    "vggcpu": vggcpu,
 }
 
 
