@@ -72,9 +72,9 @@ bench: setup data bench-setup
 	$(BIN)/python bench/artifact.py
 	$(BIN)/python bench/robust.py                 # robust.json (ε = 8/255)
 	$(BIN)/python bench/robust.py --eps 0.1       # robust-eps0.1.json
-	$(BIN)/python bench/peers.py                  # peers.json/.md: against a plain torch.nn.utils.prune script and torchao
-	$(BIN)/python bench/peers.py --seed 1 --variants magnitude
-	$(BIN)/python bench/peers.py --seed 2 --variants magnitude
+	$(BIN)/python bench/peers.py --variants magnitude,kd --plain-ours   # peers.json/.md: plain torch.nn.utils.prune, torchao
+	$(BIN)/python bench/peers.py --seed 1 --variants magnitude --peers ''   # peers-seed1: for the medians
+	$(BIN)/python bench/peers.py --seed 2 --variants magnitude --peers ''
 	$(BIN)/python bench/demo.py                   # demo.json/.md: make demo and make demo-single, timed
 	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (VGG-CPU; the longest, see table-cpu.json)
 

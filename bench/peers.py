@@ -2,7 +2,8 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/peers.py [--ratios 50,200] [--seed 0] [--quick]
+    .venv/bin/python bench/peers.py [--ratios 50,200] [--seed 0] [--variants magnitude,kd] [--peers torchao]
+                                    [--plain-ours] [--quick]
 
 Same model (the quickstart's SmallCNN, the zoo's definition), same data (Fashion-MNIST through the
 same device-resident loader: horizontal flips, no crops), same epochs (``--dense-epochs`` dense +
@@ -11,11 +12,13 @@ to 1/ratio of its count (global unstructured). Per ratio:
 
 - **plain PyTorch** — what a user writes in 40 lines: SGD + Nesterov with a OneCycle schedule,
   then ``torch.nn.utils.prune.global_unstructured`` (L1) applied every 50 steps along the cubic
-  schedule (Zhu & Gupta) to the target at 70% of the pruning epochs, masks held after;
+  schedule (Zhu & Gupta) to the target at 70% of the pruning epochs, masks held after, peak LR
+  0.05 (``--plain-ours``: also a row of the same script with ElasticTrain's pruning recipe —
+  peak LR 0.2, target at 50%, no dropout — to separate what the recipe buys from the rest);
 - **ElasticTrain** — ``elastictrain run`` of the two-stage pipeline ``configs/experiments/peers.yaml``
   (dense_pretrain → progressive_prune with ``{match: "*", prune: {ratio: R, scope: global}}``), the
-  recipe as that file states it; and the same **+ distillation** from its own dense model
-  (``distill: {teacher: dense_pretrain, alpha: 0.5, temperature: 4}``);
+  recipe as that file states it; and (``--variants kd``) the same **+ distillation** from its own
+  dense model (``distill: {teacher: dense_pretrain, alpha: 0.5, temperature: 4}``);
 - **torchao** (``--peers torchao``, installed by ``make bench-setup``) — the plain row's training and
   schedule with torchao's ``WeightNormSparsifier`` (1×1 blocks, L1) under its ``CubicSL`` scheduler
   instead of ``torch.nn.utils.prune``; per-layer, not global: each weight kept at 1/ratio
@@ -89,23 +92,29 @@ class Plain:
                 if on_step is not None:
                     on_step(step, epochs * len(self.train))
 
-    def prune(self, ratio: float) -> dict:
+    def prune(self, ratio: float, lr: float = 0.05, end: float = 0.7, dropout: Optional[float] = None) -> dict:
+        """The script's gradual pruning to ``ratio``: its own recipe by default; ``lr``, ``end`` (the
+        fraction of steps where the target is reached) and ``dropout`` let it take ElasticTrain's."""
         t0 = time.perf_counter()
         model = copy.deepcopy(self.model)
+        if dropout is not None:
+            for m in model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = dropout
         params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         total = sum(m.weight.numel() for m, _ in params)
         target = math.floor(total / ratio)
 
         def on_step(step: int, steps: int) -> None:
-            if step % 50 and step != int(0.7 * steps):
+            if step % 50 and step != int(end * steps):
                 return
-            p = min(step / (0.7 * steps), 1.0)
+            p = min(step / (end * steps), 1.0)
             want = max(target, round(target + (total - target) * (1 - p) ** 3))  # cubic, as Zhu & Gupta
             kept = sum(int(m.weight.ne(0).sum()) for m, _ in params)
             if kept > want:
                 prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=kept - want)
 
-        self.fit(model, self.a.prune_epochs, 0.05, on_step)
+        self.fit(model, self.a.prune_epochs, lr, on_step)
         for m, name in params:
             prune.remove(m, name)
         return {"dense_top1": self.dense_top1, "top1": evaluate(model, self.test)["top1"],
@@ -155,6 +164,8 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"ElasticTrain rows, of {', '.join(VARIANTS)}")
     ap.add_argument("--peers", default="torchao", help="peer libraries' rows, of torchao ('' for none)")
+    ap.add_argument("--plain-ours", action="store_true",
+                    help="also the plain script with ElasticTrain's pruning recipe (lr 0.2, end 50%%, no dropout)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
@@ -172,6 +183,8 @@ def main() -> None:
     for ratio in [float(r) for r in a.ratios.split(",")]:
         runs = ROOT / "runs" / "bench-peers" / f"s{a.seed}"
         results = {"plain PyTorch (torch.nn.utils.prune)": plain.prune(ratio)}
+        if a.plain_ours:
+            results["plain PyTorch, ElasticTrain's recipe"] = plain.prune(ratio, lr=0.2, end=0.5, dropout=0.0)
         if "torchao" in a.peers.split(","):
             results["torchao (WeightNormSparsifier, per-layer)"] = torchao_prune(plain, ratio)
         for key in a.variants.split(","):

@@ -13,7 +13,8 @@ two renames) still loads: the unpickler is the last line of defence, never the o
      structured_weight_mask, pre_structured_weight_mask,   # {param: bool, unit-grid shape}
      quantization_table,                        # {param: (groups, 2^bits) codebook}
      pattern_library}},                         # {param: bool (patterns, R*S)}
- local_dict: {epoch, ...}, spec: {...plain spec...}}
+ local_dict: {epoch, ...}, spec: {...plain spec...},
+ couplings: [[weight names], ...]}              # coupled filter pruning: the model's channel groups
 ```
 """
 from __future__ import annotations
@@ -135,12 +136,13 @@ def plans(ckpt: dict, source: str = "checkpoint", *, from_tables: bool = True) -
     recorded spec resolved against the weights' shapes (a spec that does not resolve is a
     ``ConfigError`` naming ``source``). Without a spec (the research release's checkpoints) and
     with ``from_tables``: one codebook per row of each quantization table, bits = log2(levels),
-    so accounting still counts code bits; else {}."""
+    so accounting still counts code bits; else {}. A coupled spec is resolved with the channel groups
+    the stage recorded (``couplings``)."""
     sd = model_state(ckpt, source)
     shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_floating_point(v)}
     if isinstance(ckpt.get("spec"), dict):
         try:
-            return resolve(parse_spec(ckpt["spec"]), shapes, f"{source}: spec")
+            return resolve(parse_spec(ckpt["spec"]), shapes, f"{source}: spec", ckpt.get("couplings"))
         except (ValueError, TypeError, KeyError) as e:  # (ConfigError is a ValueError)
             raise ConfigError(str(e) if isinstance(e, ConfigError) else f"{source}: spec: {e}") from None
     if not from_tables:

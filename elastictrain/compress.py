@@ -47,7 +47,10 @@ def finish(sd: dict[str, torch.Tensor], states: dict[str, LayerState], plans: di
 
 
 def compress_state_dict(sd: dict[str, torch.Tensor], spec: Spec, source: str = "spec",
-                        libraries: dict[str, torch.Tensor] | None = None) -> Compressed:
-    plans = resolve(spec, {k: tuple(v.shape) for k, v in sd.items() if torch.is_floating_point(v)}, source)
+                        libraries: dict[str, torch.Tensor] | None = None,
+                        couplings: Optional[list[list[str]]] = None) -> Compressed:
+    """``couplings``: the model's coupled channel groups (``deploy.coupling``), for a coupled spec."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_floating_point(v)}
+    plans = resolve(spec, shapes, source, couplings)
     projected, states = project(sd, plans, libraries)
     return finish({**sd, **projected}, states, plans)

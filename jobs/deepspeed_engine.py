@@ -104,17 +104,34 @@ def remask_master(constrainer, zero_stage: int) -> None:
         return
     if zero_stage == 3:
         return _remask_zero3(constrainer)
-    for n, p in constrainer.params.items():
+    for _, p, mask in constrainer.masked():  # the weights, and followers (coupled filter pruning)
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:
             continue  # this rank holds no part of p's master copy
         addr = mapping.lp_fragment_address
-        keep = constrainer.masks[n].reshape(-1).narrow(0, addr.start, addr.numel)
+        keep = mask.reshape(-1).narrow(0, addr.start, addr.numel)
         frag = mapping.get_hp_fragment()
         frag.mul_(keep.to(frag.dtype))
-        for state in (mapping.optim_fragment or {}).values():
-            if isinstance(state, torch.Tensor) and state.numel() == addr.numel:
-                state.mul_(keep.to(state.dtype))
+        for state in _optim_fragments(mapping, constrainer.optimizer):
+            state.mul_(keep.to(state.dtype))
+
+
+def _optim_fragments(mapping, optimizer) -> list[torch.Tensor]:
+    """This rank's fragments of one parameter's optimizer states (ZeRO 1–2). DeepSpeed links them
+    (``optim_fragment``) once, after the first param group's first step — before the second group
+    (biases and norms: no weight decay) has any state — so for that group they are found here, in
+    the state of the flat fp32 partition that holds the parameter's master fragment."""
+    addr = mapping.hp_fragment_address
+    linked = [s for s in (mapping.optim_fragment or {}).values()
+              if isinstance(s, torch.Tensor) and s.numel() == addr.numel]
+    if linked or optimizer is None:
+        return linked
+    ptr = mapping.hp_fragment.untyped_storage().data_ptr()
+    for flat, state in optimizer.state.items():
+        if isinstance(flat, torch.Tensor) and flat.untyped_storage().data_ptr() == ptr:
+            return [s.narrow(0, addr.start, addr.numel) for s in state.values()
+                    if isinstance(s, torch.Tensor) and s.shape == flat.shape]
+    return []
 
 
 def _remask_zero3(constrainer) -> None:

@@ -34,6 +34,9 @@ def cmd_compress(args) -> int:
     from elastictrain.compress import compress_state_dict
 
     spec = spec_mod.load(args.spec)  # spec errors first: before any tensor is read
+    if spec.coupled:
+        raise ConfigError(f"{args.spec}: prune.coupled reads channel groups off the model's graph and masks "
+                          "BatchNorm entries as it trains: use it in a pipeline stage, not one-shot compress")
     ckpt = checkpoint.load(args.checkpoint)
     sd = checkpoint.model_state(ckpt, args.checkpoint)
     result = compress_state_dict(sd, spec, str(args.spec))
@@ -56,7 +59,7 @@ def cmd_verify(args) -> int:
     spec = spec_mod.load(args.spec)
     ckpt = checkpoint.load(args.checkpoint)
     sd = checkpoint.model_state(ckpt, args.checkpoint)
-    plans = resolve(spec, {k: tuple(v.shape) for k, v in sd.items()}, str(args.spec))
+    plans = resolve(spec, {k: tuple(v.shape) for k, v in sd.items()}, str(args.spec), ckpt.get("couplings"))
     violations = verify(plans, sd, checkpoint.buffers(ckpt)["pattern_library"])
     for v in violations:
         print(f"FAIL {v}")

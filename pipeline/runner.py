@@ -17,7 +17,7 @@ from elastictrain.models import build_model
 from elastictrain.train import Backend, Local
 
 from .config import ClusterConfig, PipelineConfig, PipelineFile, load_pipeline, snapshot_pipeline
-from .stage import Context, check_tightening, finished_checkpoint, plans_for, run_stage, stage_dir
+from .stage import Context, check_tightening, coupling_for, finished_checkpoint, plans_for, run_stage, stage_dir
 from .tracking import resolve_mode
 
 
@@ -35,14 +35,22 @@ def _device(cluster: ClusterConfig) -> torch.device:
     return torch.device(cluster.device)
 
 
-def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: bool = False) -> None:
-    """Every stage's spec against the model's shapes, and the tightening rule — before any training.
-    ``sharded`` (ZeRO-3): the constraints must be ones the projection can run on slices."""
+def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: bool = False,
+             image_size: int = 32) -> None:
+    """Every stage's spec against the model's shapes (and, for coupled pruning, its graph on
+    ``image_size`` images), and the tightening rule — before any training. ``sharded`` (ZeRO-3):
+    the constraints must be ones the projection can run on slices."""
     model = build_model(cfg.model.name, num_classes=num_classes, in_channels=in_channels)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     prev, prev_where = {}, ""
+    coupled = None  # read off the graph once, for the first stage that needs it
     for i, stage in enumerate(cfg.stages):
-        plans = plans_for(stage, shapes, f"stages[{i}]")
+        if coupled is None:
+            coupled = coupling_for(stage, model, in_channels, image_size, f"stages[{i}]")
+        if sharded and stage.spec is not None and stage.spec.coupled:
+            raise ConfigError(f"stages[{i}].spec: prune.coupled: coupled filter pruning needs deepspeed.zero_stage "
+                              "0–2 (it zeroes the BatchNorm entries of pruned channels, which ZeRO-3 partitions)")
+        plans = plans_for(stage, shapes, f"stages[{i}]", coupled.groups if coupled is not None else None)
         if sharded and plans:
             if stage.enforce.method == "admm":
                 raise ConfigError(f"stages[{i}].enforce.method: admm keeps whole-weight Z and U; "
@@ -116,7 +124,7 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     done = check_finished(cfg, run_dir, bundle.num_classes, bundle.in_channels, log)
     try:
         sharded = cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3
-        validate(cfg, bundle.num_classes, bundle.in_channels, sharded=sharded)
+        validate(cfg, bundle.num_classes, bundle.in_channels, sharded=sharded, image_size=bundle.image_size)
     except ConfigError as e:
         raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
     snapshot = None

@@ -19,6 +19,7 @@ from elastictrain.config import ConfigError, to_plain
 from elastictrain.constraints.plan import LayerPlan, resolve
 from elastictrain.constraints.projection import LayerState
 from elastictrain.data import DataBundle, make_loaders
+from elastictrain.deploy import Coupling, coupling
 from elastictrain.files import json_safe, write_json
 from elastictrain.measure.accounting import report as accounting_report
 from elastictrain.models import build_model
@@ -105,8 +106,29 @@ def is_finished(path: Path) -> bool:
     return finished_checkpoint(path) is not None
 
 
-def plans_for(stage: StageConfig, shapes: dict, where: str) -> dict[str, LayerPlan]:
-    return resolve(stage.spec, shapes, f"{where}.spec") if stage.spec is not None else {}
+def coupling_for(stage: StageConfig, model: torch.nn.Module, in_channels: int, image_size: int,
+                 where: str) -> Optional[Coupling]:
+    """The model's coupled filter groups, read off its graph on one blank image — for a spec that
+    prunes coupled filters; None for any other."""
+    if stage.spec is None or not stage.spec.coupled:
+        return None
+    x = torch.zeros(1, in_channels, image_size, image_size, device=next(model.parameters()).device)
+    try:
+        return coupling(model, x)
+    except ValueError as e:  # untraceable, or the images do not fit: named by deploy.graph
+        raise ConfigError(f"{where}.spec: prune.coupled reads the channel groups off the model's graph: {e}") from None
+
+
+def plans_for(stage: StageConfig, shapes: dict, where: str, couplings: Optional[list] = None) -> dict[str, LayerPlan]:
+    return resolve(stage.spec, shapes, f"{where}.spec", couplings) if stage.spec is not None else {}
+
+
+def followers_for(plans: dict[str, LayerPlan], coupled: Optional[Coupling]) -> dict[str, list[str]]:
+    """The BatchNorm entries and biases the constrainer masks: those whose weights all prune coupled."""
+    if coupled is None:
+        return {}
+    mine = {n for n, p in plans.items() if any(s.scope == "coupled" for s in p.steps)}
+    return {f: ws for f, ws in coupled.followers.items() if set(ws) <= mine}
 
 
 def check_tightening(prev: dict[str, LayerPlan], cur: dict[str, LayerPlan], where: str, prev_where: str) -> None:
@@ -160,7 +182,9 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     if stage.dropout is not None:
         set_dropout(model, stage.dropout)
     params = dict(model.named_parameters())
-    plans = plans_for(stage, {n: tuple(p.shape) for n, p in params.items()}, where)
+    coupled = coupling_for(stage, model, b.in_channels, b.image_size, where)
+    plans = plans_for(stage, {n: tuple(p.shape) for n, p in params.items()}, where,
+                      coupled.groups if coupled is not None else None)
     per_rank = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // ctx.world_size,
                                    eval_batch_size=max(1, cfg.data.eval_batch_size // ctx.world_size))
     train_loader, test_loader = make_loaders(b, per_rank, ctx.device, seed=cfg.seed + index, rank=ctx.rank,
@@ -174,7 +198,8 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             buf = checkpoint.buffers(previous)
             prev_state = {"masks": buf["weight_mask"], "libraries": buf["pattern_library"],
                           "codebooks": buf["quantization_table"]}
-        constrainer = Constrainer(params, plans, stage.enforce, len(train_loader) * stage.epochs, prev_state)
+        constrainer = Constrainer(params, plans, stage.enforce, len(train_loader) * stage.epochs, prev_state,
+                                  followers=followers_for(plans, coupled))
     backend = ctx.backend
     forward, stepper = backend.engine(model, opt, sched, constrainer, batch_per_rank=per_rank.batch_size,
                                       clip=stage.optimizer.clip_grad_norm)
@@ -266,7 +291,8 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         extra={"pipeline": cfg.name, "stage": stage.name, "kind": stage.kind, "model": cfg.model.name,
                "num_classes": b.num_classes, "in_channels": b.in_channels, "distill": taught_by,
                "optimizer_state_dict": backend.optimizer_state(opt),
-               "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")})},
+               "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")}),
+               **({"couplings": coupled.groups} if coupled is not None else {})},  # for checkpoint.plans
         where=where)  # checked: the stage's own output must satisfy its spec; anything else is a bug
     steps = constrainer.step if constrainer else len(train_loader) * stage.epochs
     ckpt["local_dict"].update({"finished": True, "step": steps})

@@ -1,11 +1,18 @@
 """Resolve a spec against a model's parameter shapes: which rule constrains which tensor, and
 every grid turned into integer part counts. All checks that need shapes happen here, before any
 work starts, and fail with the spec field, the parameter and the reason.
+
+Coupled filter steps also need the model's *couplings*: lists of weight names whose filter k is one
+channel k (layers summed into one residual stream, a depthwise conv and its producer), read off its
+graph by ``elastictrain.deploy.coupling``. Every member of such a group must prune it with a
+coupled step (same position, ratio and norm); their steps then share the pool ``("coupled", first
+member)`` and the projection selects the group's channels once.
 """
 from __future__ import annotations
 
 import fnmatch
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,8 +35,10 @@ class PruneStep:
     """fraction of units kept (for a balanced step: of each workload's units)."""
     norm: str
     scope: str
+    """layer | global | coupled."""
     pool: tuple
-    """global steps with equal ``pool`` share one threshold: (rule, step), or ("pool", name)."""
+    """global steps with equal ``pool`` share one threshold: (rule, step), or ("pool", name);
+    coupled steps with equal ``pool`` ("coupled", first member) are one channel group."""
     workload: Optional[Parts] = None
     """balanced: the workload grid over the unit tensor; every workload keeps ``keep`` units."""
     keep: int = 0
@@ -90,8 +99,11 @@ def _parts(grid: Grid, shape4: Parts, where: str, name: str) -> Parts:
         raise ConfigError(f"{where}.{e}") from None
 
 
-def resolve(spec: Spec, shapes: dict[str, tuple[int, ...]], source: str = "spec") -> dict[str, LayerPlan]:
-    """Plans for every constrainable parameter matched by a non-empty rule, in ``shapes`` order."""
+def resolve(spec: Spec, shapes: dict[str, tuple[int, ...]], source: str = "spec",
+            couplings: Optional[Sequence[Sequence[str]]] = None) -> dict[str, LayerPlan]:
+    """Plans for every constrainable parameter matched by a non-empty rule, in ``shapes`` order.
+    ``couplings``: the model's groups of weights whose filters are tied (see the module docstring);
+    without them a coupled step prunes each layer's filters on their own (with a warning)."""
     plans: dict[str, LayerPlan] = {}
     hits = [0] * len(spec.rules)
     fractions: dict[tuple, tuple[float, str, int]] = {}
@@ -113,6 +125,8 @@ def resolve(spec: Spec, shapes: dict[str, tuple[int, ...]], source: str = "spec"
                 what = f"{rule.layer} " if rule.layer else "conv/linear "
                 raise ConfigError(f"rules[{r}].match: {rule.match!r} matches no {what}parameter "
                                   "(or only ones an earlier rule already took)")
+        if spec.coupled:
+            _couple(spec, plans, shapes, couplings)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return plans
@@ -167,6 +181,67 @@ def _plan(r: int, rule, name: str, kind: str, shape: tuple[int, ...]) -> LayerPl
     return plan
 
 
+def _couple(spec: Spec, plans: dict[str, LayerPlan], shapes: dict, couplings) -> None:
+    """Turn coupled steps into group selections: one pool per coupling group, each layer outside
+    every group a group of its own. A group that a coupled step touches must be coupled whole."""
+    if couplings is None:
+        warnings.warn("prune.coupled: no coupling groups given (a pipeline stage reads them off the model's "
+                      "graph); each layer's filters are pruned on their own", stacklevel=3)
+        couplings = []
+    grouped: set[str] = set()
+    for names in couplings:
+        names = list(names)
+        for n in names:
+            if n not in shapes:
+                raise ConfigError(f"prune.coupled: the coupling group of {names[0]} names {n}, which this model "
+                                  "does not have (couplings from another model?)")
+        steps = {n: _coupled_step(spec, plans[n]) for n in names if n in plans}
+        have = [n for n in names if steps.get(n) is not None]
+        if not have or len(names) < 2:
+            continue
+        first = plans[have[0]]
+        where = f"rules[{first.rule}].prune" + (f"[{steps[have[0]]}]" if len(spec.rules[first.rule].prunes) > 1
+                                                 else "") + ".coupled"
+        missing = [n for n in names if steps.get(n) is None]
+        if missing:
+            why = "; ".join(_why_not(spec, plans, shapes, n) for n in missing)
+            raise ConfigError(f"{where}: {have[0]} shares its output channels with {len(names) - 1} other layer(s) "
+                              f"(a residual sum or a depthwise conv), so the group needs coupled filter pruning on "
+                              f"all of {', '.join(names)}; {why}")
+        for n in names:
+            s, plan = steps[n], plans[n]
+            mine, ref = plan.steps[s], first.steps[steps[have[0]]]
+            if s != steps[have[0]] or mine.fraction != ref.fraction or mine.norm != ref.norm:
+                raise ConfigError(f"{where}: {n} (rules[{plan.rule}]) prunes the coupled group of {have[0]} "
+                                  f"as step {s}, {1 / mine.fraction:g}×, {mine.norm}; {have[0]} as step "
+                                  f"{steps[have[0]]}, {1 / ref.fraction:g}×, {ref.norm} (one group needs one "
+                                  "position, ratio and norm)")
+            if plan.shape4[0] != first.shape4[0]:
+                raise ConfigError(f"{where}: {n} has {plan.shape4[0]} filters, {have[0]} {first.shape4[0]}: "
+                                  "not one channel group (couplings from another model?)")
+            mine.scope, mine.pool = "coupled", ("coupled", names[0])
+            grouped.add(n)
+    for n, plan in plans.items():  # a layer no group ties: its filters are a group of their own
+        s = _coupled_step(spec, plan)
+        if s is not None and n not in grouped:
+            plan.steps[s].scope, plan.steps[s].pool = "coupled", ("coupled", n)
+
+
+def _coupled_step(spec: Spec, plan: LayerPlan) -> Optional[int]:
+    return spec.rules[plan.rule].coupled_step if plan.rule >= 0 else None
+
+
+def _why_not(spec: Spec, plans: dict[str, LayerPlan], shapes: dict, name: str) -> str:
+    plan = plans.get(name)
+    if plan is not None:
+        return f"{name} has no coupled filter step (rules[{plan.rule}])"
+    kind = layer_kind(tuple(shapes[name]))
+    for r, rule in enumerate(spec.rules):
+        if fnmatch.fnmatchcase(name, rule.match) and rule.layer in (None, kind):
+            return f"{name} is exempt (rules[{r}] has no constraint)"
+    return f"{name} is matched by no rule"
+
+
 def _check_pools(plan: LayerPlan, fractions: dict) -> None:
     for s, step in enumerate(plan.steps):
         if step.scope != "global":
@@ -182,6 +257,8 @@ def _check_pools(plan: LayerPlan, fractions: dict) -> None:
 
 
 def pool_name(pool: tuple) -> str:
+    if pool[0] == "coupled":
+        return f"prune.coupled (the group of {pool[1]})"
     return f"prune.pool {pool[1]!r}" if pool[0] == "pool" else f"rules[{pool[0]}].prune"
 
 

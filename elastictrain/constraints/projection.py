@@ -4,7 +4,8 @@ Order, per layer (each step narrows the previous one's mask, so all hold at the 
 1. pattern — every kernel takes its best library pattern (the library is fitted from the
    weights unless given);
 2. prune steps, in the rule's order, N:M last — each keeps the top units by norm of what is still
-   alive: per layer, per workload (balanced, equal counts) or across a pool of layers (global);
+   alive: per layer, per workload (balanced, equal counts), across a pool of layers (global), or
+   per coupled channel group (filter k of every member is one unit, scored by the members' sum);
 3. quantize — kept weights take their group's nearest codebook value (never 0, so masks hold).
 For unstructured/structured pruning alone this is the exact Euclidean projection; with patterns
 it is exact for the given library; k-means is Lloyd's greedy fit (see ``codebook``).
@@ -64,7 +65,8 @@ class Layout(Protocol):
         else the unit's L1 norm or squared L2 norm (same order as L2, no square root)."""
 
     def select(self, plan: LayerPlan, step: PruneStep, scores: torch.Tensor) -> torch.Tensor:
-        """The kept units of a ``scope: layer`` step (per workload when balanced), ``scores``' shape."""
+        """The kept units of a ``scope: layer`` step (per workload when balanced) or of a coupled
+        group from its members' summed scores, ``scores``' shape."""
 
     def select_pool(self, step: PruneStep, members: list[Member]) -> list[torch.Tensor]:
         """One threshold over a global pool (every member's step shares ``step.fraction``):
@@ -118,13 +120,13 @@ def constrain(layout: Layout, x: dict[str, torch.Tensor], keep: dict[str, torch.
             step = plan.steps[s]
             with record_function("elastictrain.prune"):
                 scores = layout.scores(n, plan, step, torch.where(keep[n], x[n], torch.zeros_like(x[n])))
-                if step.scope == "global":  # selected below, once every member has its scores
+                if step.scope != "layer":  # global / coupled: selected below, once every member has its scores
                     pools.setdefault(step.pool, []).append((n, plan, scores))
                     continue
                 _narrow(layout, keep, states[n], n, plan, step, layout.select(plan, step, scores))
         for members in pools.values():
             with record_function("elastictrain.prune"):
-                kept = layout.select_pool(members[0][1].steps[s], members)
+                kept = _select_together(layout, members[0][1].steps[s], members)
                 for (n, plan, _), keep_U in zip(members, kept):
                     _narrow(layout, keep, states[n], n, plan, plan.steps[s], keep_U)
 
@@ -136,6 +138,15 @@ def constrain(layout: Layout, x: dict[str, torch.Tensor], keep: dict[str, torch.
                 q, states[n].codebook = layout.quantize(n, plan, q, keep[n])
         out[n] = q
     return out
+
+
+def _select_together(layout: Layout, step: PruneStep, members: list[Member]) -> list[torch.Tensor]:
+    """The kept units of each member of a global pool or a coupled group. A coupled group's members
+    all have (F, 1, 1, 1) filter scores, whole on every layout: summed, they select once."""
+    if step.scope == "coupled":
+        keep_U = layout.select(members[0][1], step, sum(sc for _, _, sc in members))
+        return [keep_U] * len(members)
+    return layout.select_pool(step, members)
 
 
 def _narrow(layout: Layout, keep: dict, state: LayerState, n: str, plan: LayerPlan, step: PruneStep,

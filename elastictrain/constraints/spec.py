@@ -5,6 +5,7 @@ rules:
   - match: "features.*.weight"      # glob on parameter names; the first matching rule applies
     layer: conv                     # optional filter: conv | linear
     prune: {unit: kernel, ratio: 100}       # or a list of such steps, applied in order
+                                            # {unit: filter, ratio: 4, coupled: true}: see Prune.coupled
     pattern: {entries: 4, patterns: 8}
     balance: {filter: 16, channel: 4}       # equal non-zeros (or kept units) per workload
     quantize: {bits: 2, groups: {filter: 16, channel: 4}}
@@ -44,6 +45,12 @@ class Prune:
     """how a unit of several elements is scored."""
     pool: Optional[str] = None
     """global steps of several rules with the same pool name share one threshold (same ratio)."""
+    coupled: bool = False
+    """filter steps only: channels that the model's graph ties together (summed into one residual
+    stream, or passed through a depthwise conv) are one unit across their layers, scored by the sum
+    of their filters' norms and kept or pruned together; the BatchNorm entries and biases of a
+    pruned channel are zeroed with it, so deployment can remove it. Needs the model (a pipeline
+    stage reads the groups off its graph)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.unit, str) and self.unit not in NAMED_UNITS:
@@ -56,6 +63,11 @@ class Prune:
             fail("density", f"must be in (0, 1] (got {self.density})")
         if self.pool is not None and self.scope != "global":
             fail("pool", "only global steps share a pool (set scope: global)")
+        if self.coupled and self.grid != NAMED_UNITS["filter"]:
+            fail("coupled", "couples layers' output channels, so it needs unit: filter "
+                 f"(got {self.unit if isinstance(self.unit, str) else self.unit.describe()})")
+        if self.coupled and self.scope != "layer":
+            fail("coupled", "a coupled group is selected on its own; it cannot share a global threshold")
 
     @property
     def grid(self) -> Grid:
@@ -163,6 +175,11 @@ class Rule:
             fail("pattern", "pattern pruning needs conv kernels, but the rule is for linear layers")
         if self.balance is not None and not self.prunes:
             fail("balance", "needs a prune step to balance")
+        coupled = [i for i, p in enumerate(self.prunes) if p.coupled]
+        if coupled and self.balance is not None:
+            fail("balance", "cannot be combined with a coupled step (a group spans several layers' workloads)")
+        if len(coupled) > 1:
+            fail(f"prune[{coupled[1]}].coupled", "one coupled step per rule")
 
     @property
     def prunes(self) -> list[Prune]:
@@ -171,6 +188,11 @@ class Rule:
     @property
     def empty(self) -> bool:
         return not (self.prunes or self.pattern or self.nm or self.quantize)
+
+    @property
+    def coupled_step(self) -> Optional[int]:
+        """The index of the rule's coupled prune step, if it has one."""
+        return next((i for i, p in enumerate(self.prunes) if p.coupled), None)
 
 
 @dataclass(slots=True)
@@ -184,6 +206,11 @@ class Spec:
             fail("version", f"unsupported spec version {self.version} (this release reads 1)")
         if not self.rules:
             fail("rules", "must hold at least one rule")
+
+    @property
+    def coupled(self) -> bool:
+        """Whether any rule prunes coupled filters (resolving it then needs the model's coupling groups)."""
+        return any(r.coupled_step is not None for r in self.rules)
 
 
 def parse(data: object, source: str = "spec") -> Spec:

@@ -8,9 +8,10 @@ Weights satisfy a plan when *some* mask that satisfies it covers their non-zeros
 be exactly 0 (a workload with fewer non-zero units than it keeps, a kernel with fewer non-zeros than
 its pattern's ``entries``), which weights alone cannot tell from a pruned one. So kept counts are
 upper bounds — a workload keeps at most ``keep`` units, a kernel's support lies within a library
-pattern — as they already were for a layer's ``prune`` and for N:M. Without the library, a kernel
-with fewer than ``entries`` non-zeros that lies within no full-size support counts as a pattern of
-its own (conservative: pass the library for the exact check). NaN/Inf weights always fail.
+pattern, a coupled group has at most ``keep`` channels with a non-zero filter in any member — as
+they already were for a layer's ``prune`` and for N:M. Without the library, a kernel with fewer than
+``entries`` non-zeros that lies within no full-size support counts as a pattern of its own
+(conservative: pass the library for the exact check). NaN/Inf weights always fail.
 """
 from __future__ import annotations
 
@@ -139,9 +140,15 @@ def verify(plans: dict[str, LayerPlan], weights: dict[str, torch.Tensor],
             continue
         out += _check_layer(name, plan, w4, libraries.get(name))
         for step in plan.steps:
-            if step.scope == "global":
+            if step.scope in ("global", "coupled"):
                 pools.setdefault(step.pool, []).append((name, step, _alive_units(w4, step)))
     for key, members in pools.items():
+        if members[0][1].scope == "coupled":  # a channel is alive when any member's filter is
+            alive = int(torch.stack([a for _, _, a in members]).any(0).sum())
+            if alive > members[0][1].keep:
+                out.append(Violation(", ".join(n for n, _, _ in members), pool_name(key),
+                                     f"{alive} channels non-zero in some member > {members[0][1].keep} allowed"))
+            continue
         units = sum(st.units for _, st, _ in members)
         alive = sum(int(a.sum()) for _, _, a in members)
         allowed = keep_count(units, density=members[0][1].fraction)

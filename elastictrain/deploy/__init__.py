@@ -9,9 +9,12 @@ carry a constant), builds the sliced model (``rebuild``) and says what changed (
     small, report = shrink(model, torch.randn(1, 3, 32, 32))
     print(report.table())
     channel_groups(model, torch.randn(1, 3, 32, 32))  # what must be pruned together
+
+``coupling`` turns those groups into parameter names for coupled filter pruning in training.
 """
+from elastictrain.deploy.coupling import Coupling, coupling
 from elastictrain.deploy.graph import ChannelGroup, UntraceableModel, channel_groups
 from elastictrain.deploy.report import ShrinkReport
 from elastictrain.deploy.shrink import shrink
 
-__all__ = ["ChannelGroup", "ShrinkReport", "UntraceableModel", "channel_groups", "shrink"]
+__all__ = ["ChannelGroup", "Coupling", "ShrinkReport", "UntraceableModel", "channel_groups", "coupling", "shrink"]

@@ -17,10 +17,17 @@ start, then hold masks). Every mask comes from ``projection.project`` — a dete
 the weights — which is what lets the distributed layer check ranks with a checksum.
 Weights are read and written through a layout (``layout.Whole``, or ``layout.Sharded`` under ZeRO-3,
 set with ``use_layout``); masks are always whole-shaped.
+
+*Followers* (coupled filter pruning: ``deploy.coupling``) are 1-D parameters — BatchNorm weights and
+biases, conv biases — whose entry k is masked with the filters k of their weights: kept unless every
+one of those weights has pruned all of filter k. Their masks are a function of the weight masks, so
+they are never stored and every rank derives the same ones; they are applied wherever weight masks
+are (parameters after every step, gradients, optimizer moments). Whole weights only (ZeRO 0–2).
 """
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -75,10 +82,24 @@ class EnforceConfig:
             fail("end", f"must be in (0, 1] (got {self.end})")
 
 
+def channel_mask(masks: list[torch.Tensor]) -> torch.Tensor:
+    """(F,) bool: filter k of some mask (each (F, ...)) keeps an entry — a follower's mask."""
+    return torch.stack([m.reshape(m.shape[0], -1).any(1) for m in masks]).any(0)
+
+
 class Constrainer:
     def __init__(self, params: dict[str, nn.Parameter], plans: dict[str, LayerPlan], cfg: EnforceConfig,
-                 total_steps: int, state: Optional[dict] = None):
+                 total_steps: int, state: Optional[dict] = None,
+                 followers: Optional[dict[str, Sequence[str]]] = None):
+        """``followers``: 1-D parameter name → the planned weights whose filters index it."""
         self.params = {n: params[n] for n in plans}
+        self.followers = {n: tuple(ws) for n, ws in (followers or {}).items()}
+        self.follower_params = {n: params[n] for n in self.followers}
+        for n, ws in self.followers.items():
+            bad = [w for w in ws if w not in plans or plans[w].shape[0] != params[n].numel()]
+            if bad:
+                raise ValueError(f"followers: {n} ({params[n].numel()} entries) follows {bad[0]}, which is not a "
+                                 "planned weight with one filter per entry")
         self.plans, self.cfg = plans, cfg
         self.total_steps = max(total_steps, 1)
         self.end_step = max(1, int(round(cfg.end * self.total_steps)))
@@ -115,6 +136,9 @@ class Constrainer:
         """Read and write weights through ``layout`` from now on (before ``begin``)."""
         if layout.sharded and self.cfg.method == "admm":
             raise ValueError("enforce.method: admm keeps whole-weight Z and U; it needs ZeRO 0–2, not sharded weights")
+        if layout.sharded and self.followers:
+            raise ValueError("prune.coupled: coupled filter pruning needs ZeRO 0–2 (it masks BatchNorm entries, "
+                             "which ZeRO-3 partitions)")
         self.layout = layout
         self._kept.clear()
         self._fmask.clear()
@@ -186,6 +210,8 @@ class Constrainer:
         if not self._hooks:
             self._hooks = [p.register_hook(lambda g, n=n, p=p: self._grad_hook(n, p, g))
                            for n, p in self.params.items()]
+            self._hooks += [p.register_hook(lambda g, n=n: g * self._float_mask(n, g.dtype))
+                            for n, p in self.follower_params.items()]
         if self.step > 0:
             return []  # resumed mid-stage: the state already holds what we need
         if self.cfg.method == "admm":  # no hard mask until `end`; Z carries the constraints meanwhile
@@ -213,6 +239,8 @@ class Constrainer:
         self._hooks = []
         for n, q in projected.items():
             self.layout.local(n)[0].copy_(q)
+        for n, p in self.follower_params.items():
+            p.detach().mul_(self._float_mask(n, p.dtype))
         self.codebooks = {n: s.codebook for n, s in states.items() if s.codebook is not None}
         self.final = True
         return states
@@ -250,6 +278,26 @@ class Constrainer:
                 for v in self.optimizer.state.get(p, {}).values():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
                         v.mul_(self.masks[n])
+        for n, p in self.follower_params.items():  # whole parameters: followers need ZeRO 0–2
+            keep = self._float_mask(n, p.dtype)
+            p.detach().mul_(keep)
+            if optimizer_state and self.optimizer is not None:
+                for v in self.optimizer.state.get(p, {}).values():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                        v.mul_(keep.to(v.dtype))
+
+    def masked(self):
+        """(name, parameter, bool mask of its shape) for every masked parameter: the constrained
+        weights, then the followers."""
+        for n, p in self.params.items():
+            yield n, p, self.masks[n]
+        for n, p in self.follower_params.items():
+            yield n, p, self._mask(n)
+
+    def _mask(self, n: str) -> torch.Tensor:
+        """A weight's mask, or a follower's, derived from its weights' masks."""
+        ws = self.followers.get(n)
+        return self.masks[n] if ws is None else channel_mask([self.masks[w] for w in ws])
 
     def _admm_reset(self) -> None:
         z, _ = self.layout.project(self.plans, self.libraries or None)
@@ -288,7 +336,7 @@ class Constrainer:
         """The whole mask in ``dtype``, cached: multiplying by a bool mask converts it every time."""
         m = self._fmask.get(n)
         if m is None or m.dtype != dtype:
-            m = self._fmask[n] = self.masks[n].to(dtype)
+            m = self._fmask[n] = self._mask(n).to(dtype)
         return m
 
     def _kept_index(self, n: str):
