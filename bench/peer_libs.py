@@ -1,5 +1,6 @@
-"""Peer pruning libraries for bench/peers.py: the same dense model, data, epochs and schedule as its
-plain PyTorch row, pruned by another library's API instead of ``torch.nn.utils.prune``.
+"""Peer pruning libraries for bench/peers.py (the same dense model, data, epochs and schedule as its
+plain PyTorch row, pruned by another library's API instead of ``torch.nn.utils.prune``) and
+bench/deploy.py (another library removing the same pruned channels as ``elastictrain.deploy``).
 
 The peers are benchmark-only (bench/requirements.txt, ``make bench-setup``), not dependencies of the
 package: each is imported inside its function, which exits with a one-line hint when it is missing.
@@ -11,12 +12,15 @@ package: each is imported inside its function, which exits with a one-line hint 
   torchao 0.18's sparsifier only builds masks for 2-D weights (a conv's 4-D weight fails in
   ``_make_tensor_mask``), so conv weights are ranked through a norm that views them as
   (out, in·kh·kw) and masked by a parametrization that reshapes the mask back: the same 1×1 ranking.
+- ``torch_pruning_remove``: Torch-Pruning's ``DependencyGraph`` physically removing given output
+  channels (and everything its own dependency analysis couples to them) from a copy of a model.
 """
 from __future__ import annotations
 
 import copy
 import time
 
+import torch
 from torch import Tensor, nn
 
 from elastictrain.train import evaluate
@@ -60,3 +64,27 @@ def torchao_prune(plain, ratio: float) -> dict:
     return {"dense_top1": plain.dense_top1, "top1": evaluate(model, plain.test)["top1"],
             "nonzeros": sum(int(m.weight.ne(0).sum()) for _, m in layers), "params": total,
             "seconds": plain.dense_seconds + time.perf_counter() - t0}
+
+
+def torch_pruning_remove(model: nn.Module, example: Tensor, removals: list[tuple[str, list[int]]]) -> nn.Module:
+    """A copy of ``model`` (eval mode) with Torch-Pruning's dependency graph removing, for each
+    ``(layer, channels)`` in ``removals``, those output channels of that conv / linear layer and
+    whatever its graph couples to them (BatchNorm entries, consumers' inputs, residual partners).
+    Each entry is one coupled group, pruned with the group's channel indices (unchanged by the
+    removals before it, which touch other groups)."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise SystemExit("torch-pruning is missing: run `make bench-setup` (bench/requirements.txt)") from None
+
+    model = copy.deepcopy(model).eval()
+    with torch.enable_grad():  # the graph is read off autograd's grad_fn chain
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    for name, idxs in removals:
+        layer = model.get_submodule(name)
+        fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+        group = dg.get_pruning_group(layer, fn, idxs=list(idxs))
+        if not dg.check_pruning_group(group):
+            raise RuntimeError(f"torch-pruning refuses to remove {len(idxs)} channels of {name}")
+        group.prune()
+    return model
