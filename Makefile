@@ -75,6 +75,7 @@ bench: setup data bench-setup
 	$(BIN)/python bench/peers.py --variants magnitude,kd --plain-ours   # peers.json/.md: plain torch.nn.utils.prune, torchao
 	$(BIN)/python bench/peers.py --seed 1 --variants magnitude --peers ''   # peers-seed1: for the medians
 	$(BIN)/python bench/peers.py --seed 2 --variants magnitude --peers ''
+	$(BIN)/python bench/peers_summary.py          # peers-summary: medians of the three seeds
 	$(BIN)/python bench/demo.py                   # demo.json/.md: make demo and make demo-single, timed
 	$(BIN)/python bench/deploy.py                 # deploy.json/.md: dense vs shrunk vs Torch-Pruning latency and RSS
 	$(BIN)/python bench/table.py  # the seed's results table on Fashion-MNIST (VGG-CPU; the longest, see table-cpu.json)

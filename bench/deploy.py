@@ -30,8 +30,9 @@ model's). Latency: median ms of ``--runs`` calls after ``--warmup``, batch 1 and
 inductor, ``freezing`` on (constant weights: what CPU inference wants), ``dynamic=False`` compiled
 per batch size (compile seconds recorded; a failure is recorded as "failed: <reason>"); onnxruntime
 from ``export_onnx`` (CPUExecutionProvider, 2 intra-op threads). Peak RSS: a fresh interpreter
-imports torch, loads the pickled model, runs ``--warmup`` eager calls at ``--batch`` and reads its
-high-water mark ``VmHWM`` (reset after the imports where /proc/self/clear_refs allows), reported
+imports torch, loads the model exported as ``.pt2`` (``torch.export``, no pickle), runs
+``--warmup`` eager calls at ``--batch`` and reads its high-water mark ``VmHWM`` (reset after the
+imports where /proc/self/clear_refs allows), reported
 whole and as the part above the RSS before loading. (Not ``ru_maxrss``: Linux carries it across
 exec, so a child of this process would report this process's size.) Exactness: max |Δ logits| of
 ours (eager and onnxruntime) and Torch-Pruning's against the masked model on ``--batch`` images;
@@ -289,7 +290,7 @@ def rss_worker(a) -> None:
             f.write("5")
     except OSError:
         pass
-    model = torch.load(a.rss_worker, weights_only=False).eval()
+    model = torch.export.load(a.rss_worker).module()  # exported in eval mode (dynamic batch)
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
     x = torch.randn(a.batch, *map(int, a.worker_shape.split(","))).to(memory_format=fmt)
     model = model.to(memory_format=fmt)
@@ -312,8 +313,10 @@ def bench_model(name: str, a, tmp: Path) -> list[dict]:
     def measure(variant: str, model: nn.Module, row: dict, runtimes, reference=None) -> dict:
         """Fill ``row`` with the variant's size, latencies and peak RSS; with the masked model's
         ``reference`` logits on ``x``, also its max |Δ| in eager and in onnxruntime."""
-        path = tmp / f"{name}-{row['target']}-{variant}.pt"
-        torch.save(model, path)
+        path = tmp / f"{name}-{row['target']}-{variant}.pt2"
+        from elastictrain.deploy.export import export_pt2
+
+        export_pt2(model.eval(), x, path)  # the worker loads it as a deployment would: no pickle
         if reference is not None:
             row["max_abs_diff"] = max_abs(model, reference, x)
         lat, setup = latencies(model, shape, runtimes, a, path.with_suffix(".onnx"))
