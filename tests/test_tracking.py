@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not FMNIST.is_file(),
                                 reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 QUICKSTART = ROOT / "configs/experiments/quickstart.yaml"
 FAST = ["data.limit_train=1200", "data.limit_test=400", "data.batch_size=100", "stages.*.epochs=1",
-        "stages.dense_pretrain.epochs=2", "stages.progressive_prune.enforce.update_every=3",
+        "stages.dense_pretrain.epochs=2", "stages.progressive_prune.enforce.update_every=2",
         "stages.quantize.enforce.refit_every=4", "stages.finetune.enforce.refit_every=4",
         "tracking.wandb.log_every=2", "tracking.progress=lines"]
 SINGLE = ROOT / "configs/clusters/single.yaml"
