@@ -98,9 +98,9 @@ class Plain:
         t0 = time.perf_counter()
         model = copy.deepcopy(self.model)
         if dropout is not None:
-            for m in model.modules():
-                if isinstance(m, nn.Dropout):
-                    m.p = dropout
+            from pipeline.stage import set_dropout
+
+            set_dropout(model, dropout)
         params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         total = sum(m.weight.numel() for m, _ in params)
         target = math.floor(total / ratio)

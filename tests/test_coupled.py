@@ -4,6 +4,7 @@ BatchNorm entries of pruned channels are zeroed with them, and ``deploy.shrink``
 pruned channel — one-shot, while training, and through a pipeline stage and its checkpoint."""
 from __future__ import annotations
 
+import bn_stats
 import pytest
 import torch
 import yaml
@@ -44,14 +45,7 @@ def coupled_spec(classifier: str, *extra: dict):
 def randomize_bn(model: nn.Module, seed: int) -> None:
     """Trained-looking BatchNorm: a zero filter's channel then carries a non-zero constant (its
     shift) unless the follower masking zeroes it — so shrink could not remove it."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+    bn_stats.randomize_bn(model, torch.Generator().manual_seed(seed))
 
 
 def dead_filters(w: torch.Tensor) -> torch.Tensor:
