@@ -24,13 +24,15 @@ data:
 # torch first (a large CUDA build; pinned in constraints.txt), then DeepSpeed without build
 # isolation (its build imports torch; isolated, pip would fetch a second torch) and with its CPU
 # shared-memory collective compiled now rather than at the first run (~60 s), then the rest with
-# the dev and deploy extras (deploy: onnx, onnxruntime, onnxscript for `elastictrain deploy`).
+# the dev and deploy extras (deploy: onnx, onnxruntime, onnxscript for `elastictrain deploy`), then
+# the runtime's compiled kernels (elastictrain/runtime/csrc, ~40 s; cached under ~/.cache/elastictrain).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "setuptools>=64" wheel
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
 	DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[dev,deploy]'
+	$(BIN)/python -c 'from elastictrain.runtime import ext; ext.main()'
 	touch $(STAMP)
 
 # ruff first (lint, import order, 120-column lines: pyproject.toml's [tool.ruff]), then the suite

@@ -22,15 +22,20 @@ what ``shrink`` reports. Each dropped channel has its filters, biases, depthwise
 BatchNorm scale and shift zeroed, so its output is exactly 0 (what coupled filter pruning in
 training leaves). Groups that cannot go (the model input, the logits) are left whole.
 
-For each model and reduction: ours = ``shrink`` then ``fold_batchnorm``; Torch-Pruning =
+For each model and reduction: ours = ``shrink`` then ``fold_batchnorm``; "ours, align N" = the same
+with ``shrink(align=N)`` (``--aligns``, default 8: every group keeps a multiple of N channels, zero
+ones kept back — exact, fewer MACs saved, widths that blocked CPU kernels like); Torch-Pruning =
 ``DependencyGraph`` removing the same channels of the same groups (bench/peer_libs.py; BatchNorm
 kept, as it leaves it). Dense = the unpruned model (its shapes, so its latency, are the masked
-model's). Latency: median ms of ``--runs`` calls after ``--warmup``, batch 1 and ``--batch``,
+model's). Latency: median ms of ``--runs`` calls after ``--warmup``, batch 1 and ``--batch``, the
+variants of one model timed interleaved (each round runs every variant, in a rotating order, for
+one untimed call and 5 timed ones, so drift of the machine hits all alike),
 ``torch.set_num_threads(2)``, eval mode under ``torch.inference_mode``; ``torch.compile`` with
 inductor, ``freezing`` on (constant weights: what CPU inference wants), ``dynamic=False`` compiled
 per batch size (compile seconds recorded; a failure is recorded as "failed: <reason>"); onnxruntime
-from ``export_onnx`` (CPUExecutionProvider, 2 intra-op threads). Peak RSS: a fresh interpreter
-imports torch, loads the model exported as ``.pt2`` (``torch.export``, no pickle), runs
+from ``export_onnx`` (CPUExecutionProvider, 2 intra-op threads, spinning off: the sessions of a
+model's variants are timed in turn, and an idle session's spinning threads would take the cores).
+Peak RSS: a fresh interpreter imports torch, loads the model exported as ``.pt2`` (``torch.export``, no pickle), runs
 ``--warmup`` eager calls at ``--batch`` and reads its high-water mark ``VmHWM`` (reset after the
 imports where /proc/self/clear_refs allows), reported
 whole and as the part above the RSS before loading. (Not ``ru_maxrss``: Linux carries it across
@@ -65,6 +70,7 @@ from torch import nn  # noqa: E402
 SHAPES = {"vgg16": (3, 32, 32), "resnet56": (3, 32, 32), "mobilenetv2": (3, 32, 32), "smallcnn": (1, 28, 28)}
 RUNTIMES = ("eager", "compile", "onnxruntime")
 THREADS = 2
+BLOCK = 5  # timed calls per variant in a row (after one untimed call), variants interleaved by block
 TOLERANCE = 1e-4  # max |Δ logits| of a deployed model vs the masked one (fp32)
 
 
@@ -170,12 +176,12 @@ def apply_plan(model: nn.Module, p: dict, name: str, seed: int) -> nn.Module:
     return calibrate(model, name, seed)
 
 
-def deploy_ours(masked: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, dict]:
+def deploy_ours(masked: nn.Module, shape: tuple[int, ...], align: int = 1) -> tuple[nn.Module, dict]:
     from elastictrain.deploy import shrink
     from elastictrain.deploy.export import fold_batchnorm
 
     t0 = time.perf_counter()
-    small, report = shrink(masked, torch.zeros(1, *shape))
+    small, report = shrink(masked, torch.zeros(1, *shape), align=align)
     folded = fold_batchnorm(small).eval()
     return folded, {"seconds": time.perf_counter() - t0, "mac_ratio": report.mac_ratio,
                     "params_shrunk": report.params_after, "shrink_max_abs_error": report.max_abs_error}
@@ -197,50 +203,69 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def median_ms(fn, x, warmup: int, runs: int) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
-def latencies(model: nn.Module, shape, runtimes, a, onnx_path: Path) -> tuple[dict, dict]:
-    """{runtime: {"b1": ms, "bN": ms} or "failed: ..."} and {runtime: {"bN": compile/export s}}."""
-    out, setup = {}, {}
+def runners(model: nn.Module, shape, runtime: str, batches: dict, fmt, onnx_path: Path) -> tuple[dict, dict]:
+    """{batch key: callable on that batch's input} for one runtime, and its setup seconds per key."""
+    if runtime == "eager":
+        m = model.to(memory_format=fmt)
+        return {k: m for k in batches}, {}
+    if runtime == "compile":
+        calls, setup = {}, {}
+        m = model.to(memory_format=fmt)
+        for k, x in batches.items():
+            compiled = torch.compile(m, dynamic=False)  # one graph per batch size, as deployed
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                compiled(x)
+            calls[k], setup[k] = compiled, time.perf_counter() - t0
+        return calls, setup
+    run, seconds = onnx_runner(model, shape, onnx_path)
+    return {k: (lambda x, run=run: run(x.numpy())) for k in batches}, {"export": seconds}
+
+
+def latencies(models: dict[str, nn.Module], shape, a, tmp: Path, tag: str) -> tuple[dict, dict]:
+    """{variant: {runtime: {"b1": ms, "bN": ms} or "failed: ..."}} and the setup seconds alike.
+
+    The variants of one model are timed INTERLEAVED, in blocks: after each one's warm-up, every
+    round runs each variant (in a rotating order) for one untimed call and then ``BLOCK`` timed ones,
+    and the median per variant is taken over all its timed calls. A drift of the machine (frequency,
+    a neighbour's load) so hits every variant alike rather than whichever ran during it, and the
+    untimed call absorbs the switch (onnxruntime's idle threads of the previous session spin for a
+    while after its run and would slow the next one's first call)."""
     batches = {f"b{b}": torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)) for b in (1, a.batch)}
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
-    for runtime in runtimes:
-        try:
-            if runtime == "eager":
-                m = model.to(memory_format=fmt)
-                out[runtime] = {k: median_ms(m, x.to(memory_format=fmt), a.warmup, a.runs) for k, x in batches.items()}
-            elif runtime == "compile":
-                out[runtime], setup[runtime] = {}, {}
-                m = model.to(memory_format=fmt)
-                for k, x in batches.items():
-                    torch._dynamo.reset()
-                    compiled = torch.compile(m, dynamic=False)
-                    x = x.to(memory_format=fmt)
-                    t0 = time.perf_counter()
-                    with torch.inference_mode():
-                        compiled(x)
-                    setup[runtime][k] = time.perf_counter() - t0
-                    out[runtime][k] = median_ms(compiled, x, a.warmup, a.runs)
-            else:
-                run, setup[runtime] = onnx_runner(model, shape, onnx_path)
-                out[runtime] = {k: median_ms(run, x.numpy(), a.warmup, a.runs) for k, x in batches.items()}
-        except Exception as e:  # a runtime that cannot take this model is a result, not a crash
-            out[runtime] = f"failed: {type(e).__name__}: {_first_line(e)}"
-    torch._dynamo.reset()
+    xs = {k: x.to(memory_format=fmt) for k, x in batches.items()}
+    out = {v: {} for v in models}
+    setup = {v: {} for v in models}
+    for runtime in RUNTIMES:
+        calls = {}
+        for v, model in models.items():
+            if runtime not in a.runtimes_of(v):
+                continue
+            try:
+                calls[v], setup[v][runtime] = runners(model, shape, runtime, xs, fmt, tmp / f"{tag}-{v}.onnx")
+            except Exception as e:  # a runtime that cannot take this model is a result, not a crash
+                out[v][runtime] = f"failed: {type(e).__name__}: {_first_line(e)}"
+        for k, x in xs.items():
+            times = {v: [] for v in calls}
+            with torch.inference_mode():
+                for v in calls:
+                    for _ in range(a.warmup):
+                        calls[v][k](x)
+                order = list(calls)
+                for i in range(-(-a.runs // BLOCK)):
+                    for v in order[i % len(order):] + order[:i % len(order)]:
+                        calls[v][k](x)
+                        for _ in range(min(BLOCK, a.runs - i * BLOCK)):
+                            t0 = time.perf_counter()
+                            calls[v][k](x)
+                            times[v].append(time.perf_counter() - t0)
+            for v, t in times.items():
+                out[v].setdefault(runtime, {})[k] = 1000 * statistics.median(t)
+        torch._dynamo.reset()
     return out, setup
 
 
@@ -255,6 +280,9 @@ def onnx_runner(model: nn.Module, shape, path: Path):
     seconds = time.perf_counter() - t0
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    # several sessions are timed in turn: an idle one's threads must not spin on the cores the
+    # running one needs (with spinning on, a switch costs up to 10× at batch 1)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return (lambda x: session.run(None, {name: x})[0]), seconds
@@ -303,55 +331,65 @@ def rss_worker(a) -> None:
 
 # ---- the run
 
+def layer_shapes(model: nn.Module) -> list[tuple]:
+    """(weight shape, groups) of every conv and linear layer in order: the deployed architecture."""
+    return [(tuple(m.weight.shape), getattr(m, "groups", 1)) for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def bench_model(name: str, a, tmp: Path) -> list[dict]:
+    from elastictrain.deploy.export import export_pt2
+
     shape = SHAPES[name]
     dense = make_dense(name, a.seed)
     dense_macs = sum(layer_macs(dense, shape).values())
     x = torch.randn(a.batch, *shape, generator=torch.Generator().manual_seed(a.seed + 3))
-    rows = []
-
-    def measure(variant: str, model: nn.Module, row: dict, runtimes, reference=None) -> dict:
-        """Fill ``row`` with the variant's size, latencies and peak RSS; with the masked model's
-        ``reference`` logits on ``x``, also its max |Δ| in eager and in onnxruntime."""
-        path = tmp / f"{name}-{row['target']}-{variant}.pt2"
-        from elastictrain.deploy.export import export_pt2
-
-        export_pt2(model.eval(), x, path)  # the worker loads it as a deployment would: no pickle
-        if reference is not None:
-            row["max_abs_diff"] = max_abs(model, reference, x)
-        lat, setup = latencies(model, shape, runtimes, a, path.with_suffix(".onnx"))
-        row.update(model=name, variant=variant, params=params(model),
-                   macs=sum(layer_macs(model, shape).values()), latency_ms=lat, setup_seconds=setup,
-                   peak_rss=peak_rss(path, shape, a))
-        row["mac_ratio"] = dense_macs / row["macs"]
-        if reference is not None and isinstance(lat.get("onnxruntime"), dict):
-            import onnxruntime as ort
-
-            sess = ort.InferenceSession(str(path.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
-            logits = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
-            row["max_abs_diff_onnx"] = float((logits - reference).abs().max())
-        print(f"  {name} {row['target']} {variant}: {json.dumps(lat)}", flush=True)
-        return row
-
-    rows.append(measure("dense", dense, {"target": None}, RUNTIMES))
+    models, rows = {"dense": dense}, {"dense": {"model": name, "variant": "dense", "target": None}}
     for r in a.reductions:
         p = plan(dense, shape, r)
         masked = apply_plan(dense, p, name, a.seed)
         with torch.inference_mode():
             reference = masked(x)
-        base = {"target": r, "keep_fraction": p["keep_fraction"], "predicted_mac_ratio": p["predicted_mac_ratio"],
-                "channels_dropped": sum(len(d) for d in p["drops"]),
+        base = {"model": name, "target": r, "keep_fraction": p["keep_fraction"],
+                "predicted_mac_ratio": p["predicted_mac_ratio"], "channels_dropped": sum(len(d) for d in p["drops"]),
                 "channels_prunable": sum(g.size for g in p["groups"])}
         ours, info = deploy_ours(masked, shape)
-        rows.append(measure("ours", ours, {**base, "deploy": info}, RUNTIMES, reference))
+        models[f"ours-{r:g}"] = ours
+        rows[f"ours-{r:g}"] = {**base, "variant": "ours", "deploy": info, "max_abs_diff": max_abs(ours, reference, x),
+                               "reference": reference}
         try:
             tp, info = deploy_torch_pruning(masked, p, shape)
         except Exception as e:  # Torch-Pruning refusing a model is a result
-            rows.append({**base, "model": name, "variant": "torch-pruning",
-                         "failed": f"{type(e).__name__}: {_first_line(e)}"})
+            rows[f"tp-{r:g}"] = {**base, "variant": "torch-pruning", "failed": f"{type(e).__name__}: {_first_line(e)}"}
             continue
-        rows.append(measure("torch-pruning", tp, {**base, "deploy": info}, a.tp_runtimes, reference))
-    return rows
+        models[f"tp-{r:g}"] = tp
+        rows[f"tp-{r:g}"] = {**base, "variant": "torch-pruning", "deploy": info,
+                             "max_abs_diff": max_abs(tp, reference, x), "reference": reference}
+        # Torch-Pruning keeps BatchNorm; ours is folded: the same architecture means the same convs
+        rows[f"ours-{r:g}"]["same_layers_as_torch_pruning"] = layer_shapes(ours) == layer_shapes(tp)
+        for al in a.aligns:  # ours with every group's width rounded up to a multiple of ``al`` (still exact)
+            model, info = deploy_ours(masked, shape, al)
+            models[f"ours-{r:g}-a{al}"] = model
+            rows[f"ours-{r:g}-a{al}"] = {**base, "variant": f"ours, align {al}", "align": al, "deploy": info,
+                                         "max_abs_diff": max_abs(model, reference, x), "reference": reference}
+    lat, setup = latencies(models, shape, a, tmp, f"{name}")
+    for v, model in models.items():
+        row = rows[v]
+        path = tmp / f"{name}-{v}.pt2"
+        export_pt2(model.eval(), x, path)  # the RSS worker loads it as a deployment would: no pickle
+        row.update(params=params(model), macs=sum(layer_macs(model, shape).values()), latency_ms=lat[v],
+                   setup_seconds=setup[v], peak_rss=peak_rss(path, shape, a))
+        row["mac_ratio"] = dense_macs / row["macs"]
+        reference = row.pop("reference", None)
+        onnx_file = tmp / f"{name}-{v}.onnx"
+        if reference is not None and onnx_file.exists():
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+            logits = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+            row["max_abs_diff_onnx"] = float((logits - reference).abs().max())
+        print(f"  {name} {row['target']} {row['variant']}: {json.dumps(lat[v])}", flush=True)
+    return [rows[v] for v in rows]
 
 
 def fmt_ms(rows: list[dict], row: dict, runtime: str, key: str) -> str:
@@ -371,7 +409,7 @@ def table(rows: list[dict], a) -> str:
     head = ["model", "MAC cut target / achieved", "variant", "params"]
     for runtime in RUNTIMES:
         head += [f"{runtime} b1 ms", f"{runtime} {b} ms"]
-    head += [f"peak RSS MiB ({b}, eager)", "max abs Δ (eager / ORT)"]
+    head += [f"peak RSS MiB ({b}, eager)", "max abs Δ (eager / ORT)", "conv/linear shapes = Torch-Pruning's"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for r in rows:
         target = "dense" if r["target"] is None else f"{r['target']:g}× / {r.get('mac_ratio', math.nan):.2f}×"
@@ -384,7 +422,8 @@ def table(rows: list[dict], a) -> str:
         rss = r["peak_rss"]
         cells += [f"{rss['peak_mib']:.0f} (+{rss['over_imports_mib']:.0f})",
                   "—" if "max_abs_diff" not in r else f"{r['max_abs_diff']:.1e}" +
-                  (f" / {r['max_abs_diff_onnx']:.1e}" if "max_abs_diff_onnx" in r else "")]
+                  (f" / {r['max_abs_diff_onnx']:.1e}" if "max_abs_diff_onnx" in r else ""),
+                  {True: "yes", False: "NO"}.get(r.get("same_layers_as_torch_pruning"), "")]
         lines.append("| " + " | ".join(cells) + " |")
     failures = [f"- {r['model']} {r['variant']} {runtime}: {v}" for r in rows
                 for runtime, v in r.get("latency_ms", {}).items() if isinstance(v, str)]
@@ -408,6 +447,7 @@ def parse(argv=None):
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--channels-last", action="store_true", help="eager / compile / RSS in channels_last")
+    ap.add_argument("--aligns", default="8", help="extra rows of ours with `shrink(align=N)`, e.g. 8,16 ('' for none)")
     add_quick(ap, "deploy", "3 warm-up + 5 runs, batch 8, smallcnn and vgg16 at 2x, Torch-Pruning eager only")
     ap.add_argument("--rss-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-shape", default=None, help=argparse.SUPPRESS)
@@ -415,6 +455,7 @@ def parse(argv=None):
     if a.rss_worker is not None:
         return a
     a.tp_runtimes = RUNTIMES
+    a.runtimes_of = lambda variant: a.tp_runtimes if variant.startswith("tp-") else RUNTIMES
     if a.quick:
         a.warmup, a.runs, a.batch, a.models, a.reductions, a.tp_runtimes = 3, 5, 8, "smallcnn,vgg16", "2", ("eager",)
     bad = [m for m in a.models.split(",") if m not in SHAPES]
@@ -426,6 +467,12 @@ def parse(argv=None):
         ap.error(f"--reductions: not a comma-separated list of numbers: {a.reductions!r}")
     if any(r <= 1 for r in a.reductions):
         ap.error("--reductions: each must be > 1")
+    try:
+        a.aligns = [int(v) for v in a.aligns.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--aligns: not a comma-separated list of integers: {a.aligns!r}")
+    if any(v < 2 for v in a.aligns):
+        ap.error("--aligns: each must be ≥ 2")
     if a.warmup < 1 or a.runs < 1 or a.batch < 1:
         ap.error("--warmup, --runs and --batch must be positive")
     return a
@@ -462,8 +509,10 @@ def main(argv=None) -> dict:
     result = {"benchmark": "deploy", "machine": describe(), "cpu_busy_before": busy,
               "settings": {"threads": THREADS, "tolerance": TOLERANCE, "batches": [1, a.batch], "warmup": a.warmup,
                            "runs": a.runs, "seed": a.seed, "reductions": a.reductions, "channels_last": a.channels_last,
+                           "aligns": a.aligns,
                            "compile": {"backend": "inductor", "freezing": True, "dynamic": False},
                            "onnxruntime": {"version": onnxruntime.__version__, "intra_op_threads": THREADS,
+                                           "allow_spinning": False,
                                            "provider": "CPUExecutionProvider"},
                            "torch_pruning": torch_pruning.__version__, "torch_pruning_runtimes": list(a.tp_runtimes),
                            "quick": a.quick},

@@ -36,6 +36,8 @@ class DeployRequest:
     """C,H,W; default: the checkpoint's data set's image size (28 → 32 when the model needs padding)."""
     model: Optional[str] = None
     """model name for checkpoints that record none."""
+    align: int = 1
+    """keep every channel group's width a multiple of this (see ``shrink``)."""
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -90,6 +92,8 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
     from elastictrain.measure.accounting import report as accounting
 
     formats = ex.parse_formats(req.formats)  # flags first: before any tensor is read
+    if req.align < 1:
+        raise ConfigError(f"--align: expected a positive integer, got {req.align}")
     ex.check_out(req.out)
     if req.input_shape is not None:
         parse_shape(req.input_shape)
@@ -100,7 +104,7 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
     model = model_for(ckpt, sd, EvalRequest(req.path, model=req.model)).eval()
     x, reference, origin = _fitting_input(model, ckpt, req)
     try:
-        small, report = shrink(model, x)
+        small, report = shrink(model, x, align=req.align)
     except UntraceableModel as e:
         raise ConfigError(f"{req.path}: the model cannot be traced for deploy ({e})") from None
     folded = ex.fold_batchnorm(small)
@@ -119,7 +123,7 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
                                f"{diffs[worst]:.3g}; this is a bug in elastictrain.deploy")
         shrunk = report.to_dict() if hasattr(report, "to_dict") else dict(report)
         out = {"format": FORMAT, "source": str(req.path), "model": req.model or ckpt.get("model"),
-               "data": _data_name(ckpt), "input_shape": list(x.shape[1:]),
+               "data": _data_name(ckpt), "input_shape": list(x.shape[1:]), "align": req.align,
                "input_shape_from": origin, "example_batch": EXAMPLE_BATCH, "formats": files,
                "max_abs_logit_diff": diffs, "nominal_compression": nominal["nominal_compression"],
                "pruning_ratio": nominal["pruning_ratio"], "shrink": shrunk}

@@ -16,6 +16,7 @@ from torch import nn
 
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError
+from elastictrain.constraints.topk import keep_count
 from elastictrain.deploy import export as ex
 from elastictrain.models import build_model
 from pipeline.cli import main
@@ -123,13 +124,13 @@ for f in files:
         s = ort.InferenceSession(f, opts, providers=["CPUExecutionProvider"])
         run = lambda x, s=s: torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
-        out[f] = {k: run(x) for k, x in inputs.items()}
+        out[f] = {k: run(x) for k, x in inputs[f].items()}
 torch.save(out, sys.argv[2])
 """
 
 
 def _fresh_run(tmp: Path, inputs: dict, files: list[Path]) -> dict:
-    """Each file's outputs on ``inputs``, computed by ``python -I -S`` from a scratch folder with only
+    """Each file's outputs on its ``inputs[str(file)]``, computed by ``python -I -S`` from a scratch folder with only
     the interpreter's site-packages on its path (no .pth files: the editable install stays out)."""
     torch.save(inputs, tmp / "inputs.pt")
     site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
@@ -140,15 +141,39 @@ def _fresh_run(tmp: Path, inputs: dict, files: list[Path]) -> dict:
     return torch.load(tmp / "out.pt")
 
 
+# the zoo models the deploy targets name, filter-pruned as a coupled training stage leaves them
+COUPLED = {"vgg16": "classifier.weight", "resnet56": "fc.weight", "mobilenetv2": "classifier.weight"}
+
+
+def _coupled(name: str) -> nn.Module:
+    """``name`` (1 channel in) with every coupled channel group pruned 4× at once, BatchNorm entries
+    of the pruned channels held at 0 (the followers a stage masks), trained-looking statistics."""
+    from test_coupled import apply_with_constrainer, coupled_spec, randomize_bn
+
+    from elastictrain.compress import compress_state_dict
+    from elastictrain.deploy import coupling
+
+    torch.manual_seed(0)
+    model = build_model(name, 10, 1).eval()
+    randomize_bn(model, 1)
+    cp = coupling(model, torch.zeros(1, 1, 32, 32))
+    result = compress_state_dict(dict(model.state_dict()), coupled_spec(COUPLED[name]), couplings=cp.groups)
+    assert result.violations == []
+    apply_with_constrainer(model, result.plans, cp)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """SmallCNN and VGG-CPU, filter-pruned: shrunk, BN folded, exported to .pt2 and .onnx."""
+    """SmallCNN and VGG-CPU (filters zeroed), VGG16, ResNet-56 and MobileNetV2 (coupled filter
+    pruning): shrunk, BN folded, exported to .pt2 and .onnx, run in a fresh interpreter."""
     shrink = _shrink()
     tmp = tmp_path_factory.mktemp("exported")
-    models, info, files = {}, {}, []
-    for name in ZEROED:
-        model = _pruned(name)
-        example = torch.randn(1 if name == "vggcpu" else 2, 1, 28, 28)  # batch 1: exported at 2, still dynamic
+    models, info, files, inputs = {}, {}, [], {}
+    torch.manual_seed(1)
+    for name in [*ZEROED, *COUPLED]:
+        model, side = (_pruned(name), 28) if name in ZEROED else (_coupled(name), 32)
+        example = torch.randn(1 if name == "vggcpu" else 2, 1, side, side)  # batch 1: exported at 2, still dynamic
         small, report = shrink(model, example)
         folded = ex.fold_batchnorm(small)
         ep = ex.program(folded, example, name)
@@ -156,9 +181,10 @@ def exported(tmp_path_factory):
                       "torch": ex.export_pt2(folded, example, tmp / f"{name}.pt2", name, ep=ep),
                       "onnx": ex.export_onnx(folded, example, tmp / f"{name}.onnx", name, ep=ep)}
         models[name] = model
-        files += [tmp / f"{name}.pt2", tmp / f"{name}.onnx"]
-    torch.manual_seed(1)
-    inputs = {"b1": torch.randn(1, 1, 28, 28), "b5": torch.randn(5, 1, 28, 28)}
+        batches = {"b1": torch.randn(1, 1, side, side), "b5": torch.randn(5, 1, side, side)}
+        for fmt in ("pt2", "onnx"):
+            files.append(tmp / f"{name}.{fmt}")
+            inputs[str(files[-1])] = batches
     return models, info, inputs, _fresh_run(tmp, inputs, files), tmp
 
 
@@ -172,15 +198,34 @@ def test_formats_match_the_masked_model_in_a_fresh_interpreter(exported, name):
     stays = _kept_filters(first.kept)
     assert set(stays) < set(ZEROED[name]["features.0"])
     assert first.shape_after[0] == first.shape_before[0] - len(ZEROED[name]["features.0"]) + len(stays)
-    for fmt in ("pt2", "onnx"):
-        got = outputs[str(tmp / f"{name}.{fmt}")]
-        for key, x in inputs.items():  # batch 1 and 5 through one file: the batch dimension is dynamic
-            with torch.no_grad():
-                ref = models[name](x)
-            assert got[key].shape == ref.shape
-            assert _max_diff(got[key], ref) <= TOL, (name, fmt, key)
+    _same_outputs(models[name], name, inputs, outputs, tmp)
     # BN folded away: the exported graph runs convs, not batch norms
     assert not any("batch_norm" in str(n.target) for n in info[name]["ep"].graph.nodes)
+
+
+@pytest.mark.parametrize("name", list(COUPLED))
+def test_coupled_zoo_models_deploy_whole_and_match_in_a_fresh_interpreter(exported, name):
+    """Every pruned channel leaves (nothing kept back), each deployed layer is exactly 1/4 as wide
+    (the classifier's inputs too), the MACs fall about 4×, and the files match the masked model."""
+    models, info, inputs, outputs, tmp = exported
+    rep, model = info[name]["report"], models[name]
+    assert [k for layer in rep.layers for k in layer.kept] == []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert rep.layer(n).shape_after[0] == keep_count(m.out_channels, 4), n  # each coupled group kept 1/4
+    assert rep.macs_before / rep.macs_after > 3.5
+    _same_outputs(model, name, inputs, outputs, tmp)
+
+
+def _same_outputs(model: nn.Module, name: str, inputs: dict, outputs: dict, tmp: Path) -> None:
+    for fmt in ("pt2", "onnx"):
+        f = str(tmp / f"{name}.{fmt}")
+        for key, x in inputs[f].items():  # batch 1 and 5 through one file: the batch dimension is dynamic
+            with torch.no_grad():
+                ref = model(x)
+            assert outputs[f][key].shape == ref.shape
+            assert _max_diff(outputs[f][key], ref) <= TOL, (name, fmt, key)
+            assert torch.equal(outputs[f][key].argmax(1), ref.argmax(1)), (name, fmt, key)  # the same top-1
 
 
 class _Branchy(nn.Module):
@@ -274,6 +319,7 @@ def test_eval_of_deployed_files_prints_the_checkpoints_top1(ckpt, deployed, caps
     (["--format", "torch,tflite"], r"--format: unknown format 'tflite'"),
     (["--input-shape", "3,28,28"], r"smallcnn.pt: --input-shape: input 3×28×28 does not fit the model"),
     (["--input-shape", "28,28"], r"--input-shape: expected C,H,W"),
+    (["--align", "0"], r"--align: expected a positive integer, got 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path, capsys, flags, message):
     out = tmp_path / "out"

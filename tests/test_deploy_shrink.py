@@ -363,3 +363,29 @@ def test_callers_model_is_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     shrink(model, x)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("align", [8, 16])
+def test_align_rounds_every_group_up_exactly_and_says_why(align):
+    """``align``: the channels that could go are kept back until each group's width is a multiple of
+    ``align`` (or whole); still exact, and each kept-back channel carries that reason."""
+    model, _, x = chain_case("vgg11", 3, 32)
+    plain, plain_report = shrink(model, x)
+    small, report = shrink(model, x, align=align)
+    with torch.no_grad():
+        assert (small(x) - model(x)).abs().max().item() <= TOL
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for (name, m), (reader, _) in zip(layers, layers[1:]):
+        if isinstance(m, nn.Conv2d):
+            width, before = small.get_submodule(name).out_channels, plain.get_submodule(name).out_channels
+            assert width == min(m.out_channels, -(-before // align) * align), name  # the least multiple that fits
+            # every kept-back channel says so: as a zero filter of this layer or a dropped input of its reader
+            padded = {k.channel for n, role in ((name, "filter"), (reader, "input"))
+                      for k in report.layer(n).kept if k.role == role and "align" in k.cause}
+            assert len(padded) == width - before, name
+    assert plain_report.macs_after < report.macs_after < report.macs_before
+
+
+def test_align_must_be_positive():
+    with pytest.raises(ValueError, match="align must be a positive integer"):
+        shrink(build_model("smallcnn", 10, 1), torch.randn(1, 1, 28, 28), align=0)

@@ -44,16 +44,21 @@ class Decision:
     kept: list[Kept] = field(default_factory=list)
 
 
-def decide(cg: ChannelGraph, consts: dict, blurs: dict[str, Blur]) -> Decision:
+def decide(cg: ChannelGraph, consts: dict, blurs: dict[str, Blur], align: int = 1) -> Decision:
     groups = cg.groups()
     removable = {r: torch.full((cg.sizes[r],), not cg.is_fixed(r)) for r in groups}
     probes = [p for read in cg.reads() for p in _probe(cg, read, consts[read.node.args[0]])]
     for p in probes:
         removable[cg.find(p.seg.space)] &= p.ok
-    keep = {}
+    keep, padded = {}, {}
     for r, gone in removable.items():
         if bool(gone.all()):
             gone[0] = False  # a group never empties: zero-width layers are not valid modules
+        short = min(cg.sizes[r], -(-int((~gone).sum()) // align) * align) - int((~gone).sum())
+        if short > 0:  # keeping a removable channel is always exact: round the width up to the alignment
+            back = gone.nonzero().flatten()[:short]
+            gone[back] = False
+            padded[r] = set(back.tolist())
         keep[r] = (~gone).nonzero().flatten()
     decision = Decision(keep)
     for p in probes:  # constants of removed channels move into the reading layer's bias
@@ -65,7 +70,7 @@ def decide(cg: ChannelGraph, consts: dict, blurs: dict[str, Blur]) -> Decision:
             value = consts[p.read.node.args[0]].value
             delta = (w_OF[:, sel] * value[sel]).sum(1)
             decision.folds[p.read.name] = decision.folds.get(p.read.name, 0) + delta
-    decision.kept = _explain(cg, probes, removable, blurs)
+    decision.kept = _explain(cg, probes, removable, blurs, padded, align)
     return decision
 
 
@@ -84,7 +89,8 @@ def _probe(cg: ChannelGraph, read: Sliced, c: Const) -> list[Probe]:
     return out
 
 
-def _explain(cg: ChannelGraph, probes: list[Probe], removable: dict, blurs: dict[str, Blur]) -> list[Kept]:
+def _explain(cg: ChannelGraph, probes: list[Probe], removable: dict, blurs: dict[str, Blur],
+             padded: dict[int, set], align: int) -> list[Kept]:
     """A reason for every zero filter and all-zero input channel that stays."""
     by_root: dict[int, list[Probe]] = {}
     for p in probes:
@@ -104,6 +110,9 @@ def _explain(cg: ChannelGraph, probes: list[Probe], removable: dict, blurs: dict
         root = cg.find(space)
         if cg.fixed.get(root):
             return cg.fixed[root][0], cg.fixed[root][0]
+        if k in padded.get(root, ()):
+            return (f"rounds its group's width up to a multiple of {align} (align)",
+                    f"channel {k} could go; it is kept so that the group keeps a multiple of {align} channels")
         writers = [(n, z[k]) for s in groups[root] for n, kind, z in zero_filters.get(s, []) if kind != "depthwise"]
         live = [n for n, z in writers if not z]
         if len(writers) > 1 and len(live) < len(writers) and live:
@@ -134,17 +143,22 @@ def _explain(cg: ChannelGraph, probes: list[Probe], removable: dict, blurs: dict
     return kept
 
 
-def shrink(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, ShrinkReport]:
+def shrink(model: nn.Module, example_input: torch.Tensor, align: int = 1) -> tuple[nn.Module, ShrinkReport]:
     """A smaller copy of ``model`` (eval mode, a ``torch.fx.GraphModule`` of plain torch modules)
     without the channels nothing depends on, and the report of what went and what stayed.
 
     ``example_input`` fixes the spatial size the MACs are counted for and is the input the result
     is checked on; it must fit the model (batch first). The caller's model is not modified.
+    ``align`` > 1 keeps enough removable channels (zero ones: still exact) that every group's width
+    is a multiple of it, or its full width: CPU kernels (oneDNN's and onnxruntime's blocked NCHWc
+    layouts work in blocks of 8 or 16 channels) and GPU tensor cores run such widths faster.
     """
+    if not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be a positive integer, got {align!r}")
     gm = trace(model, example_input)
     cg = analyse(gm)
     consts, blurs = propagate(cg)
-    decision = decide(cg, consts, blurs)
+    decision = decide(cg, consts, blurs, align)
     before = measure(gm, example_input)
     with torch.no_grad():
         reference = gm(example_input)

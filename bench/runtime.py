@@ -1,0 +1,224 @@
+"""Benchmark: what the runtime for constrained layers (``elastictrain.runtime``) buys at inference —
+per row of the research release's VGG16 table and the quickstart's model, latency of dense vs the
+deployed model (``deploy.shrink`` + BatchNorm folded: pruned filters / channels gone, the rest
+dense) vs the runtime (each layer's fastest exact implementation, autotuned on this machine).
+
+Run from the repository root:
+
+    .venv/bin/python bench/runtime.py [--rows 100x-kernel,...] [--batch 64] [--warmup 3] [--runs 20] [--quick]
+
+Models: VGG16 (3×32×32) and SmallCNN (1×28×28) from ``build_model``, initialised from ``--seed``
+with random BatchNorm affines and running statistics measured on random images (bench/deploy.py's
+``make_dense``), then compressed one-shot by the row's spec (``compress_state_dict``: the spec's
+masks and codes, exactly what a training stage's verify accepts). Latency does not depend on how
+the surviving weights were trained, only on where they are; global magnitude scopes on an
+untrained model put the survivors where a random initialisation's magnitudes do, so each row
+records its per-layer densities.
+
+Latency: median ms of ``--runs`` calls after ``--warmup``, batch 1 and ``--batch``, 2 threads,
+eval mode under ``torch.inference_mode``, the variants of a row timed interleaved in blocks (as in
+bench/deploy.py). The runtime is tuned separately for each batch size (``autotune`` on a random
+batch of that size; the tuning seconds are recorded). Exactness: max |Δ logits| of the deployed
+and runtime models vs the masked model on ``--batch`` images, and whether top-1 agrees on all.
+MAC reduction: dense MACs ÷ the MACs of non-zero weights (the ideal); realized ÷ ideal = speedup ÷
+MAC reduction.
+
+Writes bench/results/runtime.json (machine, settings, every figure, each layer's choice and
+timings) and runtime.md; ``--quick`` (batch 8, 3 + 5 runs, two rows) writes runtime-quick.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+
+THREADS = 2
+BLOCK = 5
+TOLERANCE = 1e-4
+SPECS = ROOT / "configs" / "specs"
+ROWS = {  # row -> (model, spec file)
+    "50x-unstructured": ("vgg16", "vgg16-50x-unstructured.yaml"),
+    "1000x-unstructured": ("vgg16", "vgg16-1000x-unstructured.yaml"),
+    "100x-kernel": ("vgg16", "vgg16-100x-kernel.yaml"),
+    "500x-kernel": ("vgg16", "vgg16-500x-kernel.yaml"),
+    "pattern-kernel": ("vgg16", "vgg16-pattern.yaml"),
+    "balanced-16x4": ("vgg16", "vgg16-balanced.yaml"),
+    "16000x-mixture": ("vgg16", "vgg16-16000x-1000x-2bit-64cb.yaml"),
+    "quickstart-mixture": ("smallcnn", "smallcnn-mixture.yaml"),
+}
+
+
+def masked_model(model_name: str, spec_file: str, seed: int) -> tuple[nn.Module, dict]:
+    """The zoo model compressed one-shot by the spec (weights replaced by the projected ones)."""
+    from bench.deploy import calibrate, make_dense
+    from elastictrain.compress import compress_state_dict
+    from elastictrain.constraints.spec import parse
+
+    model = make_dense(model_name, seed)
+    spec = parse(yaml.safe_load((SPECS / spec_file).read_text()), spec_file)
+    result = compress_state_dict(dict(model.state_dict()), spec, spec_file)
+    assert result.violations == [], result.violations
+    model.load_state_dict(result.state_dict)
+    model = calibrate(model, model_name, seed)  # BN statistics of the compressed network
+    density = {n: float((p != 0).float().mean()) for n, p in model.named_parameters() if n in result.plans}
+    return model.eval(), density
+
+
+def macs_of(model: nn.Module, shape, nonzero: bool) -> int:
+    """MACs per image of the conv / linear layers (of their non-zero weights when ``nonzero``)."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        w = m.weight.detach()
+        per_out = int((w != 0).sum()) if nonzero else w.numel()
+        total += per_out * (out[0, 0].numel() if out.dim() == 4 else 1)
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    with torch.inference_mode():
+        model(torch.zeros(1, *shape))
+    for h in hs:
+        h.remove()
+    return total
+
+
+def timed(calls: dict, x: torch.Tensor, warmup: int, runs: int) -> dict[str, float]:
+    """Median ms per variant, interleaved in blocks of ``BLOCK`` after one untimed call each."""
+    times = {v: [] for v in calls}
+    with torch.inference_mode():
+        for fn in calls.values():
+            for _ in range(warmup):
+                fn(x)
+        order = list(calls)
+        for i in range(-(-runs // BLOCK)):
+            for v in order[i % len(order):] + order[:i % len(order)]:
+                calls[v](x)
+                for _ in range(min(BLOCK, runs - i * BLOCK)):
+                    t0 = time.perf_counter()
+                    calls[v](x)
+                    times[v].append(time.perf_counter() - t0)
+    return {v: 1000 * statistics.median(t) for v, t in times.items()}
+
+
+def bench_row(row: str, a) -> dict:
+    import copy
+
+    from bench.deploy import SHAPES, make_dense
+    from elastictrain.deploy import shrink
+    from elastictrain.deploy.export import fold_batchnorm
+    from elastictrain.runtime import apply, autotune
+
+    model_name, spec_file = ROWS[row]
+    shape = SHAPES[model_name]
+    dense = make_dense(model_name, a.seed)
+    masked, density = masked_model(model_name, spec_file, a.seed)
+    x = torch.randn(a.batch, *shape, generator=torch.Generator().manual_seed(a.seed + 3))
+    with torch.inference_mode():
+        reference = masked(x)
+    small, report = shrink(masked, x[:1])
+    deployed = fold_batchnorm(small).eval()
+    out = {"row": row, "model": model_name, "spec": spec_file, "density": density,
+           "macs_dense": macs_of(dense, shape, False), "macs_nonzero": macs_of(masked, shape, True),
+           "macs_deployed": macs_of(deployed, shape, False), "latency_ms": {}, "tuning": {}, "tune_seconds": {}}
+    out["mac_reduction"] = out["macs_dense"] / out["macs_nonzero"]
+    for b in (1, a.batch):
+        xb = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+        t0 = time.perf_counter()
+        tuning = autotune(deployed, xb, warmup=a.warmup, runs=max(5, a.runs // 2))
+        out["tune_seconds"][f"b{b}"] = time.perf_counter() - t0
+        runtime = apply(copy.deepcopy(deployed), tuning.choices())
+        out["tuning"][f"b{b}"] = tuning.to_dict()
+        out["latency_ms"][f"b{b}"] = timed({"dense": dense, "deployed": deployed, "runtime": runtime}, xb,
+                                           a.warmup, a.runs)
+        if b == a.batch:
+            with torch.inference_mode():
+                got = {"deployed": deployed(x), "runtime": runtime(x)}
+            out["max_abs_diff"] = {k: float((v - reference).abs().max()) for k, v in got.items()}
+            out["top1_identical"] = {k: bool(torch.equal(v.argmax(1), reference.argmax(1))) for k, v in got.items()}
+    lat = out["latency_ms"][f"b{a.batch}"]
+    out["speedup"] = {key: {k: ms["dense"] / v for k, v in ms.items()} for key, ms in out["latency_ms"].items()}
+    out["realized_over_ideal"] = lat["dense"] / lat["runtime"] / out["mac_reduction"]
+    print(f"  {row}: {json.dumps({k: round(v, 2) for k, v in lat.items()})} ms at b{a.batch}", flush=True)
+    return out
+
+
+def table(rows: list[dict], a) -> str:
+    b = f"b{a.batch}"
+    head = ["row", "MAC reduction (ideal)", "dense b1 ms", "deployed b1", "runtime b1", f"dense {b} ms",
+            f"deployed {b}", f"runtime {b}", "realized ÷ ideal", "max abs Δ", "layers: csr / gather / dense"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for r in rows:
+        cells = [r["row"], f"{r['mac_reduction']:,.1f}×"]
+        for key in ("b1", b):
+            lat, sp = r["latency_ms"][key], r["speedup"][key]
+            cells += [f"{lat['dense']:.2f}", f"{lat['deployed']:.2f} ({sp['deployed']:.2f}×)",
+                      f"{lat['runtime']:.2f} ({sp['runtime']:.2f}×)"]
+        impls = [c["impl"] for c in r["tuning"][b]["layers"]]
+        cells += [f"{r['realized_over_ideal']:.3f}", f"{max(r['max_abs_diff'].values()):.1e}",
+                  " / ".join(str(impls.count(i)) for i in ("csr", "gather", "dense"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    from bench.machine import add_quick
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"some of {', '.join(ROWS)}")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    add_quick(ap, "runtime", "batch 8, 2 warm-up + 5 runs, rows 100x-kernel and quickstart-mixture")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.batch, a.warmup, a.runs, a.rows = 8, 2, 5, "100x-kernel,quickstart-mixture"
+    bad = [r for r in a.rows.split(",") if r not in ROWS]
+    if bad:
+        ap.error(f"--rows: unknown {', '.join(bad)} (expected some of {', '.join(ROWS)})")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    from bench.machine import cpu_busy, describe, out_path, write_result
+    from elastictrain.runtime import ext
+
+    torch.set_num_threads(THREADS)
+    busy = cpu_busy()
+    kernels = ext.kernels()
+    t0 = time.perf_counter()
+    rows = [bench_row(r, a) for r in a.rows.split(",")]
+    md = table(rows, a)
+    print(md)
+    result = {"benchmark": "runtime", "machine": describe(), "cpu_busy_before": busy,
+              "settings": {"threads": THREADS, "batch": a.batch, "warmup": a.warmup, "runs": a.runs, "seed": a.seed,
+                           "compiled_kernels": kernels is not None, "kernels_unavailable": ext.unavailable(),
+                           "quick": a.quick},
+              "seconds": time.perf_counter() - t0, "rows": rows}
+    out = Path(out_path(a, "runtime"))
+    write_result(result, out)
+    if not a.quick:
+        note = (f"Latency in ms (median of {a.runs} after {a.warmup} warm-up; speedup vs dense), {THREADS} threads, "
+                f"{describe()['cpu_model']}; deployed = pruned channels removed, BN folded; runtime = each layer's "
+                "fastest exact implementation after autotune.")
+        out.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
+    bad = [f"{r['row']} {k}: {v:.2g}" for r in rows for k, v in r["max_abs_diff"].items() if v > TOLERANCE]
+    bad += [f"{r['row']} {k}: top-1 differs" for r in rows for k, v in r["top1_identical"].items() if not v]
+    if bad:
+        raise SystemExit(f"runtime: outputs differ from the masked model's: {'; '.join(bad)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

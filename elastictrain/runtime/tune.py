@@ -1,0 +1,107 @@
+"""Per-layer autotune: time every implementation of each conv / linear on that layer's real input
+(captured from one forward of the example batch) and keep the fastest that computes the same
+output. Dense is always a candidate, so no layer of a tuned model is slower than dense as measured.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from elastictrain.runtime.layers import candidates
+
+TOLERANCE = 1e-4  # max |Δ| of a candidate's output vs dense, relative to max(1, largest |output|)
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    impl: str
+    ms: dict[str, float]                 # median ms of each candidate on this layer's input
+    weights: int                         # weights of the dense layer
+    nonzeros: int
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not timed
+
+    @property
+    def speedup(self) -> float:
+        return self.ms["dense"] / self.ms[self.impl]
+
+
+@dataclass
+class Tuning:
+    batch: int
+    threads: int
+    layers: list[LayerChoice]
+
+    def choices(self) -> dict[str, str]:
+        return {c.name: c.impl for c in self.layers}
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "threads": self.threads, "layers": [asdict(c) for c in self.layers]}
+
+
+def layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every conv / linear module on ``example`` (one forward, hooks)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach())) for n, m in
+             model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _median_ms(fn, x, warmup: int, runs: int) -> float:
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def autotune(model: nn.Module, example: torch.Tensor, warmup: int = 2, runs: int = 7) -> Tuning:
+    """The fastest exact implementation of each conv / linear layer of ``model`` on ``example``."""
+    layers = []
+    with torch.inference_mode():
+        for name, x in layer_inputs(model, example).items():
+            dense = model.get_submodule(name)
+            w = dense.weight.detach()
+            ref = dense(x)
+            scale = max(1.0, float(ref.abs().max()))
+            ms, rejected = {}, {}
+            for impl, m in candidates(dense).items():
+                try:
+                    err = float((m(x) - ref).abs().max())
+                except RuntimeError as e:
+                    rejected[impl] = f"failed: {str(e).splitlines()[0][:120]}"
+                    continue
+                if not err <= TOLERANCE * scale:
+                    rejected[impl] = f"inexact: max |Δ| {err:.3g}"
+                    continue
+                ms[impl] = _median_ms(m, x, warmup, runs)
+            layers.append(LayerChoice(name, min(ms, key=ms.get), ms, w.numel(), int((w != 0).sum()), rejected))
+    return Tuning(int(example.shape[0]), torch.get_num_threads(), layers)
+
+
+def apply(model: nn.Module, choices: dict[str, str]) -> nn.Module:
+    """``model`` with each named layer replaced by its chosen implementation (in place; returned)."""
+    for name, impl in choices.items():
+        if impl == "dense":
+            continue
+        dense = model.get_submodule(name)
+        options = candidates(dense)
+        if impl not in options:
+            raise ValueError(f"runtime: layer {name} has no implementation {impl!r} here "
+                             f"(available: {', '.join(options)})")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, options[impl])
+    return model
