@@ -331,10 +331,11 @@ def rss_worker(a) -> None:
 
 # ---- the run
 
-def layer_shapes(model: nn.Module) -> list[tuple]:
-    """(weight shape, groups) of every conv and linear layer in order: the deployed architecture."""
-    return [(tuple(m.weight.shape), getattr(m, "groups", 1)) for m in model.modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))]
+def layer_shapes(model: nn.Module) -> dict[str, tuple]:
+    """{name: (weight shape, groups)} of every conv and linear layer: the deployed architecture
+    (by name: a traced model lists its modules in call order, the original in definition order)."""
+    return {n: (tuple(m.weight.shape), getattr(m, "groups", 1)) for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def bench_model(name: str, a, tmp: Path) -> list[dict]:

@@ -58,8 +58,9 @@ ROWS = {  # row -> (model, spec file)
 }
 
 
-def masked_model(model_name: str, spec_file: str, seed: int) -> tuple[nn.Module, dict]:
-    """The zoo model compressed one-shot by the spec (weights replaced by the projected ones)."""
+def masked_model(model_name: str, spec_file: str, seed: int, etz_dir: Path | None = None) -> tuple[nn.Module, dict]:
+    """The zoo model compressed one-shot by the spec (weights replaced by the projected ones) and
+    the density of each planned weight; with ``etz_dir``, also the ``.etz`` export's size report."""
     from bench.deploy import calibrate, make_dense
     from elastictrain.compress import compress_state_dict
     from elastictrain.constraints.spec import parse
@@ -68,10 +69,16 @@ def masked_model(model_name: str, spec_file: str, seed: int) -> tuple[nn.Module,
     spec = parse(yaml.safe_load((SPECS / spec_file).read_text()), spec_file)
     result = compress_state_dict(dict(model.state_dict()), spec, spec_file)
     assert result.violations == [], result.violations
+    packed = None
+    if etz_dir is not None:
+        from elastictrain import artifact
+
+        packed = artifact.export(result.checkpoint(spec=yaml.safe_load((SPECS / spec_file).read_text())),
+                                 etz_dir / f"{Path(spec_file).stem}.etz")
     model.load_state_dict(result.state_dict)
     model = calibrate(model, model_name, seed)  # BN statistics of the compressed network
     density = {n: float((p != 0).float().mean()) for n, p in model.named_parameters() if n in result.plans}
-    return model.eval(), density
+    return model.eval(), {"density": density, "etz": packed}
 
 
 def macs_of(model: nn.Module, shape, nonzero: bool) -> int:
@@ -90,6 +97,23 @@ def macs_of(model: nn.Module, shape, nonzero: bool) -> int:
     for h in hs:
         h.remove()
     return total
+
+
+def weight_memory(dense: nn.Module, runtime: nn.Module, etz: dict) -> dict:
+    """Bytes the conv / linear layers hold for their weights (and biases) in the dense model and in
+    the runtime (CSR structure + fp32 values or codes + table, BN scale), beside the .etz bytes."""
+    from elastictrain.runtime.layers import CSRConv2d, CSRLinear, GatherConv2d
+
+    def held(m: nn.Module) -> int:
+        if isinstance(m, (CSRConv2d, CSRLinear, GatherConv2d)):
+            return sum(t.numel() * t.element_size() for t in m.buffers())
+        if type(m) in (nn.Conv2d, nn.Linear):
+            return sum(t.numel() * t.element_size() for t in m.parameters())
+        return 0
+
+    d, r = sum(held(m) for m in dense.modules()), sum(held(m) for m in runtime.modules())
+    return {"dense_bytes": d, "runtime_bytes": r, "etz_weight_bytes": etz["weights_bytes"],
+            "etz_bytes": etz["bytes"], "runtime_over_etz_weights": r / etz["weights_bytes"]}
 
 
 def timed(calls: dict, x: torch.Tensor, warmup: int, runs: int) -> dict[str, float]:
@@ -117,11 +141,15 @@ def bench_row(row: str, a) -> dict:
     from elastictrain.deploy import shrink
     from elastictrain.deploy.export import fold_batchnorm
     from elastictrain.runtime import apply, autotune
+    from elastictrain.runtime.layers import is_plain_2x2_pool
 
     model_name, spec_file = ROWS[row]
     shape = SHAPES[model_name]
     dense = make_dense(model_name, a.seed)
-    masked, density = masked_model(model_name, spec_file, a.seed)
+    masked, info = masked_model(model_name, spec_file, a.seed, a.tmp)
+    density = info["density"]
+    pools = {n: "strided" for n, m in dense.named_modules() if is_plain_2x2_pool(m)}
+    dense_pool = apply(copy.deepcopy(dense), pools)  # the stock model with only the runtime's pools
     x = torch.randn(a.batch, *shape, generator=torch.Generator().manual_seed(a.seed + 3))
     with torch.inference_mode():
         reference = masked(x)
@@ -138,8 +166,10 @@ def bench_row(row: str, a) -> dict:
         out["tune_seconds"][f"b{b}"] = time.perf_counter() - t0
         runtime = apply(copy.deepcopy(deployed), tuning.choices())
         out["tuning"][f"b{b}"] = tuning.to_dict()
-        out["latency_ms"][f"b{b}"] = timed({"dense": dense, "deployed": deployed, "runtime": runtime}, xb,
-                                           a.warmup, a.runs)
+        out["latency_ms"][f"b{b}"] = timed({"dense": dense, "dense+pools": dense_pool, "deployed": deployed,
+                                            "runtime": runtime}, xb, a.warmup, a.runs)
+        if b == a.batch:
+            out["memory"] = weight_memory(dense, runtime, info["etz"])
         if b == a.batch:
             with torch.inference_mode():
                 got = {"deployed": deployed(x), "runtime": runtime(x)}
@@ -152,19 +182,108 @@ def bench_row(row: str, a) -> dict:
     return out
 
 
+# ---- workload balance: a balanced layer's threads get equal work, an unbalanced one's do not
+
+BALANCE_LAYER = ("features.10", 128, 128, 16)  # VGG16's second 128→128 conv, at 16×16
+BALANCE_RATIO = 20
+
+
+def balance_weights(seed: int) -> dict[str, torch.Tensor]:
+    """One conv weight pruned BALANCE_RATIO× two ways from the same values: workload-balanced
+    ({filter: 16, channel: 4}: equal non-zeros per tile) and unstructured (per layer). The values
+    are Kaiming-normal with each filter scaled by a log-normal factor (σ 0.5), as trained filters'
+    norms spread; plain magnitude pruning then leaves filters with very different non-zero counts."""
+    from elastictrain.compress import compress_state_dict
+    from elastictrain.constraints.spec import parse
+
+    _, cin, cout, _ = BALANCE_LAYER
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (cin * 9)) ** 0.5
+    w *= torch.exp(0.5 * torch.randn(cout, 1, 1, 1, generator=g))
+    out = {}
+    for kind, rule in (("balanced", {"prune": {"ratio": BALANCE_RATIO}, "balance": {"filter": 16, "channel": 4}}),
+                       ("unbalanced", {"prune": {"ratio": BALANCE_RATIO}})):
+        spec = parse({"rules": [{"match": "w", "layer": "conv", **rule}]}, kind)
+        out[kind] = compress_state_dict({"w": w.clone()}, spec, kind).state_dict["w"]
+    return out
+
+
+def thread_scaling(a) -> dict:
+    """Wall time and per-thread work / time of the CSR conv at 1 and 2 threads, each weight split
+    by filter count (a static schedule: the spec's workloads decide the balance) and, for the
+    unbalanced one, also by non-zeros (what the runtime does by default)."""
+    from elastictrain.runtime.layers import CSRConv2d
+    from elastictrain.runtime.ops import split_rows
+
+    name, cin, cout, side = BALANCE_LAYER
+    x = torch.randn(a.batch, cin, side, side, generator=torch.Generator().manual_seed(7))
+    result = {"layer": name, "shape": [cout, cin, 3, 3], "input": list(x.shape), "ratio": BALANCE_RATIO, "rows": []}
+    for kind, w in balance_weights(a.seed).items():
+        conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        m = CSRConv2d(conv)
+        per_filter = (m.crow[1:] - m.crow[:-1]).tolist()
+        for split in (("rows",) if kind == "balanced" else ("rows", "work")):
+            row = {"weight": kind, "split": split, "nonzeros": int(m.val.numel()),
+                   "filter_nonzeros_min_max": [min(per_filter), max(per_filter)]}
+            for t in (1, 2):
+                walls, threads = [], []
+                with torch.inference_mode():
+                    for i in range(a.warmup + a.runs):
+                        t0 = time.perf_counter()
+                        _, secs = m.timed(x, split, t)
+                        if i >= a.warmup:
+                            walls.append(time.perf_counter() - t0)
+                            threads.append(secs)
+                bounds = split_rows(m.crow, t, split)
+                work = (m.crow[bounds[1:]] - m.crow[bounds[:-1]]).tolist()
+                per_thread = torch.stack(threads).median(0).values.tolist()
+                row[f"t{t}"] = {"wall_ms": 1000 * statistics.median(walls), "work_per_thread": work,
+                                "thread_ms": [1000 * v for v in per_thread]}
+            row["speedup_2_over_1"] = row["t1"]["wall_ms"] / row["t2"]["wall_ms"]
+            w2 = row["t2"]["work_per_thread"]
+            row["work_max_over_mean"] = max(w2) / (sum(w2) / len(w2))
+            result["rows"].append(row)
+            print(f"  threads {kind}/{split}: {row['speedup_2_over_1']:.2f}× at 2 threads, "
+                  f"work max/mean {row['work_max_over_mean']:.3f}", flush=True)
+    return result
+
+
+def scaling_table(s: dict) -> str:
+    lines = [f"Thread scaling of {s['layer']} ({'×'.join(map(str, s['shape']))}, input {'×'.join(map(str, s['input']))}"
+             f", {s['ratio']}× pruned), CSR kernel:", "",
+             "| weight | thread split | non-zeros per filter (min–max) | work per thread at 2 (non-zeros) | "
+             "1 thread ms | 2 threads ms | per-thread ms at 2 | speedup 2 ÷ 1 |",
+             "|---|---|---|---|---:|---:|---|---:|"]
+    for r in s["rows"]:
+        lo, hi = r["filter_nonzeros_min_max"]
+        work = " / ".join(map(str, r["t2"]["work_per_thread"]))
+        per_thread = " / ".join(f"{v:.2f}" for v in r["t2"]["thread_ms"])
+        lines.append(f"| {r['weight']} | {r['split']} | {lo}–{hi} | {work} | {r['t1']['wall_ms']:.2f} | "
+                     f"{r['t2']['wall_ms']:.2f} | {per_thread} | {r['speedup_2_over_1']:.2f}× |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], a) -> str:
     b = f"b{a.batch}"
     head = ["row", "MAC reduction (ideal)", "dense b1 ms", "deployed b1", "runtime b1", f"dense {b} ms",
-            f"deployed {b}", f"runtime {b}", "realized ÷ ideal", "max abs Δ", "layers: csr / gather / dense"]
+            f"dense + runtime pools {b}", f"deployed {b}", f"runtime {b}", "realized ÷ ideal",
+            "weight bytes: dense / runtime / .etz", "max abs Δ", "convs: csr / gather / dense"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
         cells = [r["row"], f"{r['mac_reduction']:,.1f}×"]
         for key in ("b1", b):
             lat, sp = r["latency_ms"][key], r["speedup"][key]
-            cells += [f"{lat['dense']:.2f}", f"{lat['deployed']:.2f} ({sp['deployed']:.2f}×)",
-                      f"{lat['runtime']:.2f} ({sp['runtime']:.2f}×)"]
-        impls = [c["impl"] for c in r["tuning"][b]["layers"]]
-        cells += [f"{r['realized_over_ideal']:.3f}", f"{max(r['max_abs_diff'].values()):.1e}",
+            cells.append(f"{lat['dense']:.2f}")
+            if key == b:
+                cells.append(f"{lat['dense+pools']:.2f} ({sp['dense+pools']:.2f}×)")
+            cells += [f"{lat['deployed']:.2f} ({sp['deployed']:.2f}×)", f"{lat['runtime']:.2f} ({sp['runtime']:.2f}×)"]
+        impls = [c["impl"] for c in r["tuning"][b]["layers"] if c["weights"]]
+        mem = r["memory"]
+        cells += [f"{r['realized_over_ideal']:.3f}",
+                  f"{mem['dense_bytes']:,} / {mem['runtime_bytes']:,} / {mem['etz_weight_bytes']:,}",
+                  f"{max(r['max_abs_diff'].values()):.1e}",
                   " / ".join(str(impls.count(i)) for i in ("csr", "gather", "dense"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -198,14 +317,19 @@ def main(argv=None) -> dict:
     busy = cpu_busy()
     kernels = ext.kernels()
     t0 = time.perf_counter()
-    rows = [bench_row(r, a) for r in a.rows.split(",")]
-    md = table(rows, a)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="et-bench-runtime-") as tmp:
+        a.tmp = Path(tmp)
+        rows = [bench_row(r, a) for r in a.rows.split(",")]
+    scaling = thread_scaling(a) if kernels is not None else None
+    md = table(rows, a) + ("\n\n" + scaling_table(scaling) if scaling else "")
     print(md)
     result = {"benchmark": "runtime", "machine": describe(), "cpu_busy_before": busy,
               "settings": {"threads": THREADS, "batch": a.batch, "warmup": a.warmup, "runs": a.runs, "seed": a.seed,
                            "compiled_kernels": kernels is not None, "kernels_unavailable": ext.unavailable(),
                            "quick": a.quick},
-              "seconds": time.perf_counter() - t0, "rows": rows}
+              "seconds": time.perf_counter() - t0, "rows": rows, "thread_scaling": scaling}
     out = Path(out_path(a, "runtime"))
     write_result(result, out)
     if not a.quick:

@@ -126,7 +126,8 @@ def cmd_deploy(args) -> int:
     from .deploy import DeployRequest, run_deploy
 
     run_deploy(DeployRequest(Path(args.checkpoint), Path(args.out), formats=args.format,
-                             input_shape=args.input_shape, model=args.model, align=args.align))
+                             input_shape=args.input_shape, model=args.model, align=args.align,
+                             tune_batch=args.tune_batch))
     return 0
 
 
@@ -226,7 +227,10 @@ def parser() -> argparse.ArgumentParser:
                                       "and .onnx, pruned channels removed, BatchNorm folded")
     s.add_argument("checkpoint")
     s.add_argument("--out", required=True, help="folder for model.pt2, model.onnx and deploy.json (written atomically)")
-    s.add_argument("--format", default="torch,onnx", help="comma-separated: torch (.pt2), onnx (default: both)")
+    s.add_argument("--format", default="torch,onnx",
+                   help="comma-separated: torch (.pt2), onnx, runtime (.runtime.pt2: sparse layers computed "
+                        "sparsely, each layer's implementation tuned on this machine) (default: torch,onnx)")
+    s.add_argument("--tune-batch", type=int, default=64, metavar="N", help="batch size the runtime format is tuned for")
     s.add_argument("--input-shape", metavar="C,H,W",
                    help="one image's shape (default: the checkpoint's data set's, e.g. 1,28,28 for Fashion-MNIST)")
     s.add_argument("--model", help="model name when the checkpoint records none (the seed's checkpoints)")

@@ -38,6 +38,8 @@ class DeployRequest:
     """model name for checkpoints that record none."""
     align: int = 1
     """keep every channel group's width a multiple of this (see ``shrink``)."""
+    tune_batch: int = 64
+    """the batch size the runtime format is tuned for."""
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -94,6 +96,8 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
     formats = ex.parse_formats(req.formats)  # flags first: before any tensor is read
     if req.align < 1:
         raise ConfigError(f"--align: expected a positive integer, got {req.align}")
+    if req.tune_batch < 1:
+        raise ConfigError(f"--tune-batch: expected a positive integer, got {req.tune_batch}")
     ex.check_out(req.out)
     if req.input_shape is not None:
         parse_shape(req.input_shape)
@@ -110,11 +114,15 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
     folded = ex.fold_batchnorm(small)
     ep = ex.program(folded, x, str(req.path))
     diffs = {"shrunk": _diff(small, x, reference), "folded": _diff(folded, x, reference)}
-    files = {}
+    files, tuning = {}, None
     with ex.staged_dir(req.out) as tmp:
         for f in formats:
-            write = ex.export_pt2 if f == "torch" else ex.export_onnx
-            files[f] = write(folded, x, tmp / ex.FILES[f], str(req.path), ep=ep)
+            if f == "runtime":
+                rt, tuning = _runtime(folded, x, req.tune_batch)
+                files[f] = ex.export_pt2(rt, x, tmp / ex.FILES[f], str(req.path))
+            else:
+                write = ex.export_pt2 if f == "torch" else ex.export_onnx
+                files[f] = write(folded, x, tmp / ex.FILES[f], str(req.path), ep=ep)
             diffs[f] = _diff(ex.Deployed(tmp / ex.FILES[f]), x, reference)
         scale = max(1.0, float(reference.abs().max()))
         worst = max(diffs, key=diffs.get)
@@ -127,6 +135,8 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
                "input_shape_from": origin, "example_batch": EXAMPLE_BATCH, "formats": files,
                "max_abs_logit_diff": diffs, "nominal_compression": nominal["nominal_compression"],
                "pruning_ratio": nominal["pruning_ratio"], "shrink": shrunk}
+        if tuning is not None:
+            out["runtime"] = tuning.to_dict()
         write_json(json_safe(out), tmp / ex.MANIFEST)  # last: a folder with it is a whole deploy
     log(report.table() if hasattr(report, "table") else str(shrunk))
     log(f"wrote {req.out}: " + ", ".join(
@@ -134,6 +144,18 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
         + f", {ex.MANIFEST}; input {'×'.join(map(str, x.shape[1:]))} from {origin}")
     log("max |Δ logits| vs the checkpoint's model: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
     return out
+
+
+def _runtime(folded: torch.nn.Module, x: torch.Tensor, batch: int):
+    """The folded model with each layer's fastest exact implementation on this machine, tuned on a
+    random batch of ``batch`` images of ``x``'s shape, and the tuning (every candidate's timing)."""
+    import copy
+
+    from elastictrain.runtime import apply, autotune
+
+    xb = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    tuning = autotune(folded, xb)
+    return apply(copy.deepcopy(folded), tuning.choices()).eval(), tuning
 
 
 def _diff(model, x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -275,6 +275,26 @@ def deployed(ckpt, tmp_path_factory):
     return out
 
 
+def test_deploy_runtime_format_is_tuned_here_and_keeps_top1(ckpt, tmp_path, capsys):
+    """``--format runtime``: each layer's implementation measured on this machine (deploy.json says
+    which and how fast each candidate was), the .runtime.pt2 read back by eval with the same top-1."""
+    out = tmp_path / "rt"
+    assert main(["deploy", str(ckpt), "--out", str(out), "--format", "runtime", "--tune-batch", "8"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["deploy.json", "model.runtime.pt2"]
+    rep = json.loads((out / "deploy.json").read_text())
+    assert rep["max_abs_logit_diff"]["runtime"] <= TOL
+    tuned = rep["runtime"]
+    assert tuned["batch"] == 8 and len(tuned["layers"]) == 4  # SmallCNN: 2 convs, 2 linears
+    for layer in tuned["layers"]:
+        assert "dense" in layer["ms"] and layer["impl"] == min(layer["ms"], key=layer["ms"].get)
+    if FMNIST.is_file():
+        lines = []
+        for path in (ckpt, out / "model.runtime.pt2"):
+            assert main(["eval", str(path), "--data", "fashion-mnist", "--limit-test", "300"]) == 0
+            lines.append([l for l in capsys.readouterr().out.splitlines() if l.startswith("top-1")][-1])
+        assert lines[0].split("on")[0] == lines[1].split("on")[0]
+
+
 def test_deploy_writes_both_formats_and_its_report(deployed):
     assert sorted(p.name for p in deployed.iterdir()) == ["deploy.json", "model.onnx", "model.pt2"]
     assert not [p for p in deployed.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
@@ -320,6 +340,7 @@ def test_eval_of_deployed_files_prints_the_checkpoints_top1(ckpt, deployed, caps
     (["--input-shape", "3,28,28"], r"smallcnn.pt: --input-shape: input 3×28×28 does not fit the model"),
     (["--input-shape", "28,28"], r"--input-shape: expected C,H,W"),
     (["--align", "0"], r"--align: expected a positive integer, got 0"),
+    (["--format", "runtime", "--tune-batch", "0"], r"--tune-batch: expected a positive integer, got 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path, capsys, flags, message):
     out = tmp_path / "out"

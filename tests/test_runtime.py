@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from elastictrain.runtime import apply, autotune, ext
-from elastictrain.runtime.layers import CSRConv2d, CSRLinear, GatherConv2d, candidates, split_rows
+from elastictrain.runtime.layers import CSRConv2d, CSRLinear, GatherConv2d, candidates
+from elastictrain.runtime.ops import split_rows
 
 TOL = 1e-5
 
@@ -61,7 +62,8 @@ def test_sparse_convs_compute_the_dense_conv(cin, cout, k, stride, padding, bias
         ref = conv(x)
         impls = {"gather": GatherConv2d(conv)}
         if ext.kernels() is not None:
-            impls.update(csr_work=CSRConv2d(conv, "work"), csr_rows=CSRConv2d(conv, "rows"))
+            csr = CSRConv2d(conv)
+            impls.update(csr=csr, csr_rows=lambda x: csr.timed(x, "rows", torch.get_num_threads())[0])
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for name, m in impls.items():
@@ -137,12 +139,13 @@ def test_autotuned_vggcpu_at_100x_kernel_keeps_logits_and_top1():
     deployed = fold_batchnorm(small).eval()
     tuning = autotune(deployed, x, warmup=1, runs=3)
     assert {c.name for c in tuning.layers} == {n for n, m in deployed.named_modules()
-                                               if type(m) in (nn.Conv2d, nn.Linear)}
+                                               if type(m) in (nn.Conv2d, nn.Linear, nn.MaxPool2d)}
     for c in tuning.layers:
         assert "dense" in c.ms and c.impl == min(c.ms, key=c.ms.get), c
         assert c.nonzeros <= c.weights
     assert any(set(c.ms) > {"dense"} for c in tuning.layers)  # sparse candidates were timed
-    tuned = apply(copy.deepcopy(deployed), {c.name: ("csr" if "csr" in c.ms else c.impl) for c in tuning.layers})
+    forced = {c.name: next((i for i in ("csr", "strided") if i in c.ms), c.impl) for c in tuning.layers}
+    tuned = apply(copy.deepcopy(deployed), forced)
     with torch.inference_mode():
         for m in (apply(copy.deepcopy(deployed), tuning.choices()), tuned):
             got = m(x)
@@ -152,6 +155,16 @@ def test_autotuned_vggcpu_at_100x_kernel_keeps_logits_and_top1():
         apply(copy.deepcopy(deployed), {tuning.layers[0].name: "bogus"})
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (1, 5, 2, 2)])
+def test_strided_max_pool_is_max_pool(shape):
+    from elastictrain.runtime.layers import MaxPool2x2, is_plain_2x2_pool
+
+    x = torch.randn(*shape)
+    assert torch.equal(MaxPool2x2()(x), F.max_pool2d(x, 2))
+    assert is_plain_2x2_pool(nn.MaxPool2d(2)) and is_plain_2x2_pool(nn.MaxPool2d((2, 2), 2))
+    assert not is_plain_2x2_pool(nn.MaxPool2d(2, ceil_mode=True)) and not is_plain_2x2_pool(nn.MaxPool2d(3, 2))
+
+
 def test_gather_of_an_all_zero_conv_is_its_bias():
     conv = sparse_conv(3, 4, 3, 1, 1, True, "dense")
     with torch.no_grad():
@@ -159,3 +172,63 @@ def test_gather_of_an_all_zero_conv_is_its_bias():
     x = torch.randn(2, 3, 5, 5)
     with torch.inference_mode():
         assert torch.allclose(GatherConv2d(conv)(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_a_runtime_model_exports_to_pt2_and_loads_back(tmp_path):
+    """CSR layers are operators (``torch.ops.elastictrain.*``), so ``torch.export`` keeps them: the
+    .pt2 holds the compact arrays, runs at another batch size, and gives the same logits."""
+    from elastictrain.deploy.export import Deployed, export_pt2
+
+    model = nn.Sequential(sparse_conv(1, 32, 3, 1, 1, True, "pattern"), nn.ReLU(), nn.MaxPool2d(2),
+                          sparse_conv(32, 64, 3, 2, 1, False, "unstructured"), nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
+    with torch.no_grad():
+        model[5].weight.mul_((torch.rand(model[5].weight.shape) < 0.1).float())
+    model.eval()
+    choices = {"0": "csr", "3": "csr", "5": "csr"}
+    rt = apply(copy.deepcopy(model), choices)
+    assert [type(rt[i]).__name__ for i in (0, 3, 5)] == ["CSRConv2d", "CSRConv2d", "CSRLinear"]
+    info = export_pt2(rt, torch.randn(2, 1, 16, 16), tmp_path / "m.runtime.pt2")
+    ep = torch.export.load(str(tmp_path / "m.runtime.pt2"))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"elastictrain.csr_conv.default", "elastictrain.csr_linear.default"} <= targets
+    assert not any("convolution" in t or t.startswith("aten.linear") for t in targets)  # nothing dense left
+    loaded = Deployed(tmp_path / "m.runtime.pt2")
+    x = torch.randn(5, 1, 16, 16)
+    with torch.inference_mode():
+        assert (loaded(x) - model(x)).abs().max().item() <= 1e-5
+    dense = export_pt2(model, torch.randn(2, 1, 16, 16), tmp_path / "m.pt2")
+    assert info["bytes"] < dense["bytes"] - 0.8 * 4 * sum(p.numel() for p in model.parameters())  # sparse inside
+
+
+@pytest.mark.parametrize("levels,density,dtype", [(4 * 16, 0.3, torch.uint8), (300, 0.9, torch.int16)])
+def test_codebook_layers_are_held_as_codes_and_folded_batchnorm_as_a_scale(levels, density, dtype):
+    """A conv whose non-zeros take few values (a codebook layer) is held as codes + one table, with
+    the BatchNorm folded into it applied per filter after the sum: same output as the folded conv,
+    fewer bytes than fp32 values."""
+    from elastictrain.deploy.export import fold_batchnorm
+
+    g = torch.Generator().manual_seed(4)
+    conv = sparse_conv(16, 32, 3, 1, 1, False, "unstructured")
+    table = torch.randn(levels, generator=g)
+    with torch.no_grad():
+        conv.weight.copy_(torch.where(torch.rand(conv.weight.shape, generator=g) < density,
+                                      table[torch.randint(0, levels, conv.weight.shape, generator=g)], 0.0))
+    bn = nn.BatchNorm2d(32).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.normal_(0, 0.3, generator=g)
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+        bn.running_mean.normal_(0, 0.3, generator=g)
+    model = fold_batchnorm(nn.Sequential(conv, bn))
+    folded = model.get_submodule("0")
+    x = torch.randn(4, 16, 9, 9)
+    m = CSRConv2d(folded)
+    assert m.codes is not None and m.codes.dtype == dtype and m.val is None and m.scale is not None
+    assert len(m.table) <= levels
+    with torch.inference_mode():
+        ref = model(x)
+        assert (m(x) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    fp32 = CSRConv2d(sparse_conv(16, 32, 3, 1, 1, False, "unstructured"))  # continuous values: fp32 kept
+    assert fp32.codes is None and fp32.val is not None
+    nnz = m.col.numel()
+    assert m.weight_bytes() < nnz * (2 + 4)  # fewer than int16 columns + fp32 values

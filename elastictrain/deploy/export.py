@@ -29,7 +29,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from elastictrain.config import ConfigError
 
-FILES = {"torch": "model.pt2", "onnx": "model.onnx"}  # format -> file name in the output folder
+# format -> file name in the output folder; "runtime": the model with each layer's fastest exact
+# implementation (elastictrain.runtime), a .pt2 whose sparse layers need `import elastictrain.runtime`
+FILES = {"torch": "model.pt2", "onnx": "model.onnx", "runtime": "model.runtime.pt2"}
 SUFFIXES = {".pt2": "torch", ".onnx": "onnx"}
 OPSET = 18  # what torch's dynamo exporter writes natively (no version conversion); any recent onnxruntime runs it
 MANIFEST = "deploy.json"  # written last into a deploy folder; one that has it was a complete deploy
@@ -83,7 +85,11 @@ def fold_batchnorm(module: nn.Module) -> fx.GraphModule:
                 and isinstance(conv := gm.get_submodule(src.target), nn.Conv2d)
                 and calls[src.target] == 1 and calls[node.target] == 1 and bn.track_running_stats):
             continue
-        _set_submodule(gm, src.target, fuse_conv_bn_eval(conv, bn))
+        fused = fuse_conv_bn_eval(conv, bn)
+        # what the weight was and the scale folded into it: elastictrain.runtime keeps a codebook
+        # layer's values as codes and applies the scale to each filter's sum (not exported)
+        fused.unfolded = (conv.weight.detach(), (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).detach())
+        _set_submodule(gm, src.target, fused)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
@@ -220,6 +226,8 @@ class Deployed(nn.Module):
 
 
 def _load_pt2(path: Path, device, threads: int):
+    import elastictrain.runtime.ops  # noqa: F401  (registers the operators a runtime .pt2 calls)
+
     ep = torch.export.load(str(path))
     if torch.device(device).type != "cpu":
         ep = torch.export.passes.move_to_device_pass(ep, torch.device(device))

@@ -10,26 +10,29 @@ and channels already removed by ``deploy.shrink``) and computes the same functio
 - ``GatherConv2d`` (pure torch, the fallback where nothing compiles): the kept (filter, channel)
   kernels as one depthwise conv over the gathered input channels, summed into their filters with
   ``index_add_``.
-- ``CSRLinear``: the weight as a ``torch.sparse_csr`` matrix (MKL's sparse product).
+- ``CSRLinear``: the weight as CSR, multiplied by MKL's sparse product.
+- ``MaxPool2x2``: the 2×2 / stride-2 max pool between VGG's convs, as strided maxima (exact).
+
+The CSR layers call ``torch.ops.elastictrain.*`` (``ops``), so a tuned model exports to ``.pt2``.
 
 The dense module itself is the other candidate; ``autotune`` picks per layer.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastictrain.runtime import ext
+from elastictrain.runtime import ext, ops
 
 
 def supports_sparse_conv(m: nn.Module) -> bool:
     """A conv the sparse paths compute: fp32, groups 1, no dilation, zero padding, square stride."""
     return (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
             and not isinstance(m.padding, str) and m.stride[0] == m.stride[1] and m.weight.dtype == torch.float32)
+
+
+MAX_CODES = 1 << 16  # distinct non-zero values a layer may have to be held as codes (uint8 ≤ 256, else uint16)
 
 
 def _csr(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,59 +45,72 @@ def _csr(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return crow, col.to(torch.int16 if small else torch.int32), w2d[nz].contiguous()
 
 
-def split_rows(crow: torch.Tensor, threads: int, by: str = "work") -> torch.Tensor:
-    """Row (filter) boundaries of ``threads`` contiguous parts: equal non-zeros (``work``, at least
-    one row each where possible) or equal row counts (``rows``, a plain static schedule)."""
-    rows = crow.numel() - 1
-    t = max(1, min(threads, rows))
-    if by == "rows":
-        bounds = torch.linspace(0, rows, t + 1).round().long()
-    else:
-        targets = torch.linspace(0, float(crow[-1]), t + 1)[1:-1]
-        inner = torch.searchsorted(crow[1:].double(), targets.double(), side="left") + 1
-        bounds = torch.cat([torch.zeros(1, dtype=torch.long), inner, torch.tensor([rows])])
-        bounds = torch.cummax(bounds, 0).values
-    return bounds.contiguous()
+class _SparseValues(nn.Module):
+    """The non-zero values of a CSR layer: fp32, or — when the layer has few distinct values (a
+    codebook-quantized layer: each group's table) — codes into one table, dequantized per call, so
+    memory holds 1–2 bytes per non-zero instead of 4."""
+
+    def _store_values(self, val: torch.Tensor) -> None:
+        table, codes = torch.unique(val, return_inverse=True)
+        code_bytes = 1 if len(table) <= 256 else 2
+        if len(table) <= MAX_CODES and len(val) * code_bytes + 4 * len(table) < 4 * len(val):  # codes save bytes
+            # uint8 codes up to 256 values; else int16 holding code − 32768 (torch has no uint16 indexing)
+            small = len(table) <= 256
+            self.register_buffer("codes", codes.to(torch.uint8) if small else (codes - 32768).to(torch.int16))
+            self.register_buffer("table", table.contiguous())
+            self.register_buffer("val", None)
+        else:
+            self.register_buffer("codes", None)
+            self.register_buffer("table", None)
+            self.register_buffer("val", val)
+
+    def values(self) -> torch.Tensor:
+        if self.codes is None:
+            return self.val
+        idx = self.codes.long() if self.codes.dtype == torch.uint8 else self.codes.long() + 32768
+        return self.table[idx]
+
+    def weight_bytes(self) -> int:
+        """Bytes this layer holds for its weights (CSR structure, values or codes + table, scale, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
-class CSRConv2d(nn.Module):
+class CSRConv2d(_SparseValues):
+    """The conv's weight as CSR over filters, computed by ``torch.ops.elastictrain.csr_conv``. A conv
+    with a BatchNorm folded into it (``deploy.export.fold_batchnorm`` leaves the weight it had and
+    the scale on it as ``unfolded``) keeps the unfolded values — its codebook's — and applies the
+    scale to each filter's sum instead."""
     impl = "csr"
 
-    def __init__(self, conv: nn.Conv2d, split: str = "work"):
+    def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        w = conv.weight.detach()
+        w, scale = getattr(conv, "unfolded", (conv.weight.detach(), None))
         crow, col, val = _csr(w.reshape(w.shape[0], -1))
         self.register_buffer("crow", crow)
         self.register_buffer("col", col)
-        self.register_buffer("val", val)
+        self._store_values(val)
+        if self.codes is None and scale is not None:  # no codebook: hold the folded values themselves
+            w2d = w.reshape(w.shape[0], -1)
+            self.val = conv.weight.detach().reshape(w2d.shape)[w2d != 0].contiguous()
+            scale = None
+        self.register_buffer("scale", None if scale is None else scale.detach().float().contiguous())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone().contiguous())
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride[0], conv.padding
-        self.split = split
-        self.last_thread_seconds: Optional[torch.Tensor] = None
-        self._parts: dict[int, torch.Tensor] = {}
-
-    def part(self, threads: int) -> torch.Tensor:
-        if threads not in self._parts:
-            self._parts[threads] = split_rows(self.crow, threads, self.split)
-        return self._parts[threads]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = ext.kernels()
-        if k is None:
-            raise RuntimeError(f"the compiled runtime kernels are unavailable ({ext.unavailable()})")
-        (ph, pw), (kh, kw), s = self.padding, self.kernel_size, self.stride
-        h, w = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
-        ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
-        extra = -(-(kw + k.CHUNK) // w) if s == 1 else 0  # stride 1 reads whole chunks past the last row
-        xp = F.pad(x, (pw, pw, ph, ph + extra)) if ph or pw or extra else x
-        out, secs = k.csr_conv(xp.contiguous(), self.crow, self.col.int(), self.val, self.bias,
-                               self.part(torch.get_num_threads()), kh, kw, s, ho, wo)
-        self.last_thread_seconds = secs
-        return out
+        return ops.csr_conv(x, self.crow, self.col, self.values(), self.bias, self.scale, *self.kernel_size,
+                            self.stride, *self.padding)
+
+    def timed(self, x: torch.Tensor, split: str, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output and each thread's seconds, the filters split by ``split`` (``work`` / ``rows``)."""
+        return ops.csr_conv_timed(x, self.crow, self.col, self.values(), self.bias, self.scale, *self.kernel_size,
+                                  self.stride, *self.padding, split=split, threads=threads)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, nnz={self.val.numel()}"
+        held = "fp32" if self.codes is None else f"{self.codes.dtype} codes, {len(self.table)} values"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"nnz={self.col.numel()} ({held})")
 
 
 class GatherConv2d(nn.Module):
@@ -122,28 +138,50 @@ class GatherConv2d(nn.Module):
         return out if self.bias is None else out + self.bias[:, None, None]
 
 
-class CSRLinear(nn.Module):
+class CSRLinear(_SparseValues):
+    """The linear layer's weight as CSR (values or codes), computed by ``torch.ops.elastictrain.csr_linear``."""
     impl = "csr"
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is MKL's
-            warnings.simplefilter("ignore", UserWarning)
-            self.register_buffer("weight", linear.weight.detach().to_sparse_csr())
+        crow, col, val = _csr(linear.weight.detach())
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self._store_values(val)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.sparse.mm(self.weight, x.t()).t()
-        return out if self.bias is None else out + self.bias
+        return ops.csr_linear(x, self.crow, self.col, self.values(), self.bias, self.in_features)
+
+
+class MaxPool2x2(nn.Module):
+    """2×2 max pooling with stride 2 as two element-wise maxima of strided views (rows, then
+    columns): exact, and on the CPU many times faster than ``max_pool2d``'s NCHW kernel."""
+    impl = "strided"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        r = torch.maximum(x[..., 0:h:2, :w], x[..., 1:h:2, :w])
+        return torch.maximum(r[..., 0:w:2], r[..., 1:w:2])
+
+
+def is_plain_2x2_pool(m: nn.Module) -> bool:
+    return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2)) and m.stride in (2, (2, 2), None)
+            and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices)
 
 
 def candidates(m: nn.Module) -> dict[str, nn.Module]:
-    """Every implementation of ``m`` this machine can run, the dense module first."""
+    """Every implementation of ``m`` this machine can run on ``m``'s device, the dense module first
+    (the compiled kernels are CPU code; on a GPU the gather path is the sparse one)."""
     out: dict[str, nn.Module] = {"dense": m}
+    if is_plain_2x2_pool(m):
+        return {**out, "strided": MaxPool2x2()}
+    cpu = m.weight.device.type == "cpu"
     if type(m) is nn.Conv2d and supports_sparse_conv(m):
-        if ext.kernels() is not None:
+        if cpu and ext.kernels() is not None:
             out["csr"] = CSRConv2d(m)
-        out["gather"] = GatherConv2d(m)
-    elif type(m) is nn.Linear and m.weight.dtype == torch.float32:
+        out["gather"] = GatherConv2d(m).to(m.weight.device)
+    elif type(m) is nn.Linear and m.weight.dtype == torch.float32 and cpu:
         out["csr"] = CSRLinear(m)
     return out

@@ -1,4 +1,4 @@
-"""Per-layer autotune: time every implementation of each conv / linear on that layer's real input
+"""Per-layer autotune: time every implementation of each conv / linear / pool on that layer's real input
 (captured from one forward of the example batch) and keep the fastest that computes the same
 output. Dense is always a candidate, so no layer of a tuned model is slower than dense as measured.
 """
@@ -21,7 +21,7 @@ class LayerChoice:
     name: str
     impl: str
     ms: dict[str, float]                 # median ms of each candidate on this layer's input
-    weights: int                         # weights of the dense layer
+    weights: int                         # weights of the dense layer (0 for a pool)
     nonzeros: int
     rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not timed
 
@@ -43,11 +43,14 @@ class Tuning:
         return {"batch": self.batch, "threads": self.threads, "layers": [asdict(c) for c in self.layers]}
 
 
+TUNED = (nn.Conv2d, nn.Linear, nn.MaxPool2d)
+
+
 def layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input of every conv / linear module on ``example`` (one forward, hooks)."""
+    """The input of every conv / linear / max-pool module on ``example`` (one forward, hooks)."""
     seen: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach())) for n, m in
-             model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+             model.named_modules() if type(m) in TUNED]
     try:
         with torch.inference_mode():
             model(example)
@@ -58,12 +61,15 @@ def layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Ten
 
 
 def _median_ms(fn, x, warmup: int, runs: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # a GPU call returns before it is done
     for _ in range(warmup):
         fn(x)
     times = []
     for _ in range(runs):
+        sync()
         t0 = time.perf_counter()
         fn(x)
+        sync()
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
@@ -74,7 +80,7 @@ def autotune(model: nn.Module, example: torch.Tensor, warmup: int = 2, runs: int
     with torch.inference_mode():
         for name, x in layer_inputs(model, example).items():
             dense = model.get_submodule(name)
-            w = dense.weight.detach()
+            w = dense.weight.detach() if hasattr(dense, "weight") else torch.zeros(0)
             ref = dense(x)
             scale = max(1.0, float(ref.abs().max()))
             ms, rejected = {}, {}

@@ -40,8 +40,8 @@ inline v16 splat(float x) { return v16{} + x; }
 // one contiguous CHUNK-float load and CHUNK FMAs. xp carries enough extra zero rows at its bottom
 // that a chunk's reads past the last output row stay inside the channel's plane.
 void rows_s1(const float* xp, float* out, const int64_t* crow, const int64_t* off, const float* val,
-             const float* bias, int64_t f0, int64_t f1, int64_t N, int64_t C, int64_t Hp, int64_t Wp, int64_t F,
-             int64_t Ho, int64_t Wo) {
+             const float* bias, const float* scale, int64_t f0, int64_t f1, int64_t N, int64_t C, int64_t Hp,
+             int64_t Wp, int64_t F, int64_t Ho, int64_t Wo) {
   const int64_t L = Ho * Wp, chunks = (L + CHUNK - 1) / CHUNK;
   std::vector<float> pitch(chunks * CHUNK);
   for (int64_t n = 0; n < N; ++n) {
@@ -49,7 +49,7 @@ void rows_s1(const float* xp, float* out, const int64_t* crow, const int64_t* of
     for (int64_t f = f0; f < f1; ++f) {
       const float b = bias ? bias[f] : 0.f;
       for (int64_t ch = 0; ch < chunks; ++ch) {
-        v16 a0 = splat(b), a1 = a0, a2 = a0, a3 = a0;  // CHUNK = 4 × 16 floats, in registers
+        v16 a0 = splat(scale ? 0.f : b), a1 = a0, a2 = a0, a3 = a0;  // CHUNK = 4 × 16 floats, in registers
         const float* base = xn + ch * CHUNK;
         for (int64_t j = crow[f]; j < crow[f + 1]; ++j) {
           const v16 w = splat(val[j]);
@@ -58,6 +58,13 @@ void rows_s1(const float* xp, float* out, const int64_t* crow, const int64_t* of
           a1 += w * load(in + 16);
           a2 += w * load(in + 32);
           a3 += w * load(in + 48);
+        }
+        if (scale) {  // the epilogue of a BatchNorm folded as a per-filter scale (the weights stay codes)
+          const v16 sc = splat(scale[f]), bb = splat(b);
+          a0 = a0 * sc + bb;
+          a1 = a1 * sc + bb;
+          a2 = a2 * sc + bb;
+          a3 = a3 * sc + bb;
         }
         float* dst = pitch.data() + ch * CHUNK;
         std::memcpy(dst, &a0, 64);
@@ -73,14 +80,14 @@ void rows_s1(const float* xp, float* out, const int64_t* crow, const int64_t* of
 
 // Any stride: one scaled, shifted add of an input plane into the output plane per non-zero.
 void rows_any(const float* xp, float* out, const int64_t* crow, const int64_t* off, const float* val,
-              const float* bias, int64_t f0, int64_t f1, int64_t N, int64_t C, int64_t Hp, int64_t Wp, int64_t F,
-              int64_t Ho, int64_t Wo, int64_t s) {
+              const float* bias, const float* scale, int64_t f0, int64_t f1, int64_t N, int64_t C, int64_t Hp,
+              int64_t Wp, int64_t F, int64_t Ho, int64_t Wo, int64_t s) {
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = xp + n * C * Hp * Wp;
     for (int64_t f = f0; f < f1; ++f) {
       float* o = out + (n * F + f) * Ho * Wo;
       const float b = bias ? bias[f] : 0.f;
-      for (int64_t i = 0; i < Ho * Wo; ++i) o[i] = b;
+      for (int64_t i = 0; i < Ho * Wo; ++i) o[i] = scale ? 0.f : b;
       for (int64_t j = crow[f]; j < crow[f + 1]; ++j) {
         const float w = val[j];
         const float* xc = xn + off[j];
@@ -90,22 +97,27 @@ void rows_any(const float* xp, float* out, const int64_t* crow, const int64_t* o
           for (int64_t x = 0; x < Wo; ++x) orow[x] += w * in[x * s];
         }
       }
+      if (scale)
+        for (int64_t i = 0; i < Ho * Wo; ++i) o[i] = o[i] * scale[f] + b;
     }
   }
 }
 
 }  // namespace
 
-// xp: (N, C, Hp, Wp) zero-padded input (stride 1: with extra_rows() more zero rows at the bottom);
+// xp: (N, C, Hp, Wp) zero-padded input (stride 1: with enough extra zero rows at the bottom);
+// scale (F,) optional: out = scale[f]·Σ + bias[f] (a BatchNorm folded without touching the weights);
 // Ho, Wo: the output size. Returns {out (N, F, Ho, Wo), seconds per thread (T,)}.
 std::vector<torch::Tensor> csr_conv(torch::Tensor xp, torch::Tensor crow, torch::Tensor col, torch::Tensor val,
-                                    c10::optional<torch::Tensor> bias, torch::Tensor part, int64_t KH, int64_t KW,
-                                    int64_t stride, int64_t Ho, int64_t Wo) {
+                                    c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale,
+                                    torch::Tensor part, int64_t KH, int64_t KW, int64_t stride, int64_t Ho,
+                                    int64_t Wo) {
   TORCH_CHECK(xp.dim() == 4 && xp.scalar_type() == torch::kFloat && xp.is_contiguous(), "xp: contiguous fp32 NCHW");
   TORCH_CHECK(crow.scalar_type() == torch::kLong && part.scalar_type() == torch::kLong, "crow, part: int64");
   TORCH_CHECK(col.scalar_type() == torch::kInt && val.scalar_type() == torch::kFloat, "col: int32, val: fp32");
   TORCH_CHECK(crow.is_contiguous() && col.is_contiguous() && val.is_contiguous(), "CSR arrays: contiguous");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat && bias->is_contiguous()), "bias: fp32");
+  TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == torch::kFloat && scale->is_contiguous()), "scale: fp32");
   const int64_t N = xp.size(0), C = xp.size(1), Hp = xp.size(2), Wp = xp.size(3), F = crow.numel() - 1;
   const int64_t T = part.numel() - 1, KK = KH * KW;
   TORCH_CHECK(stride != 1 || (KH - 1 + Ho) * Wp + KW - 1 + CHUNK <= Hp * Wp, "xp: too few extra rows for stride 1");
@@ -120,6 +132,7 @@ std::vector<torch::Tensor> csr_conv(torch::Tensor xp, torch::Tensor crow, torch:
     off[j] = c * Hp * Wp + (tap / KW) * Wp + tap % KW;
   }
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* sc = scale.has_value() ? scale->data_ptr<float>() : nullptr;
   const int64_t* p = part.data_ptr<int64_t>();
   double* sp = secs.data_ptr<double>();
   const float* x = xp.data_ptr<float>();
@@ -131,9 +144,9 @@ std::vector<torch::Tensor> csr_conv(torch::Tensor xp, torch::Tensor crow, torch:
     const int t = omp_get_thread_num();
     const auto t0 = std::chrono::steady_clock::now();
     if (stride == 1)
-      rows_s1(x, o, cr, off.data(), v, b, p[t], p[t + 1], N, C, Hp, Wp, F, Ho, Wo);
+      rows_s1(x, o, cr, off.data(), v, b, sc, p[t], p[t + 1], N, C, Hp, Wp, F, Ho, Wo);
     else
-      rows_any(x, o, cr, off.data(), v, b, p[t], p[t + 1], N, C, Hp, Wp, F, Ho, Wo, stride);
+      rows_any(x, o, cr, off.data(), v, b, sc, p[t], p[t + 1], N, C, Hp, Wp, F, Ho, Wo, stride);
     sp[t] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return {out, secs};
