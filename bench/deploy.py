@@ -54,7 +54,6 @@ import argparse
 import copy
 import json
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,14 +226,10 @@ def runners(model: nn.Module, shape, runtime: str, batches: dict, fmt, onnx_path
 
 
 def latencies(models: dict[str, nn.Module], shape, a, tmp: Path, tag: str) -> tuple[dict, dict]:
-    """{variant: {runtime: {"b1": ms, "bN": ms} or "failed: ..."}} and the setup seconds alike.
+    """{variant: {runtime: {"b1": ms, "bN": ms} or "failed: ..."}} and the setup seconds alike,
+    the variants of one model timed interleaved in blocks (``bench.machine.interleaved_ms``)."""
+    from bench.machine import interleaved_ms
 
-    The variants of one model are timed INTERLEAVED, in blocks: after each one's warm-up, every
-    round runs each variant (in a rotating order) for one untimed call and then ``BLOCK`` timed ones,
-    and the median per variant is taken over all its timed calls. A drift of the machine (frequency,
-    a neighbour's load) so hits every variant alike rather than whichever ran during it, and the
-    untimed call absorbs the switch (onnxruntime's idle threads of the previous session spin for a
-    while after its run and would slow the next one's first call)."""
     batches = {f"b{b}": torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)) for b in (1, a.batch)}
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
     xs = {k: x.to(memory_format=fmt) for k, x in batches.items()}
@@ -250,21 +245,9 @@ def latencies(models: dict[str, nn.Module], shape, a, tmp: Path, tag: str) -> tu
             except Exception as e:  # a runtime that cannot take this model is a result, not a crash
                 out[v][runtime] = f"failed: {type(e).__name__}: {_first_line(e)}"
         for k, x in xs.items():
-            times = {v: [] for v in calls}
             with torch.inference_mode():
-                for v in calls:
-                    for _ in range(a.warmup):
-                        calls[v][k](x)
-                order = list(calls)
-                for i in range(-(-a.runs // BLOCK)):
-                    for v in order[i % len(order):] + order[:i % len(order)]:
-                        calls[v][k](x)
-                        for _ in range(min(BLOCK, a.runs - i * BLOCK)):
-                            t0 = time.perf_counter()
-                            calls[v][k](x)
-                            times[v].append(time.perf_counter() - t0)
-            for v, t in times.items():
-                out[v].setdefault(runtime, {})[k] = 1000 * statistics.median(t)
+                for v, ms in interleaved_ms({v: calls[v][k] for v in calls}, x, a.warmup, a.runs, BLOCK).items():
+                    out[v].setdefault(runtime, {})[k] = ms
         torch._dynamo.reset()
     return out, setup
 

@@ -131,3 +131,26 @@ def finish(result: dict, args, name: str) -> dict:
     if args.quick:
         print(json.dumps({k: v for k, v in result.items() if k != "machine"}, default=str))
     return result
+
+
+def interleaved_ms(calls: dict, x, warmup: int, runs: int, block: int = 5) -> dict[str, float]:
+    """Median ms of each of ``calls`` (name -> function of ``x``) over ``runs`` timed calls, the
+    variants INTERLEAVED in blocks: after each one's ``warmup``, every round runs each variant (in a
+    rotating order) for one untimed call and then ``block`` timed ones. A drift of the machine
+    (frequency, a neighbour's load) so hits every variant alike rather than whichever ran during
+    it, and the untimed call absorbs the switch between variants."""
+    import statistics
+
+    times = {v: [] for v in calls}
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn(x)
+    order = list(calls)
+    for i in range(-(-runs // block)):
+        for v in order[i % len(order):] + order[:i % len(order)]:
+            calls[v](x)
+            for _ in range(min(block, runs - i * block)):
+                t0 = time.perf_counter()
+                calls[v](x)
+                times[v].append(time.perf_counter() - t0)
+    return {v: 1000 * statistics.median(t) for v, t in times.items()}

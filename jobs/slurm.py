@@ -1,6 +1,7 @@
 """Slurm: one sbatch job per pipeline stage, rendered from the cluster config, chained with
-``--dependency=afterok``, so a stage starts only when the previous one succeeded and a failure
-cancels the rest (with ``DependencyParameters=kill_invalid_depend``; otherwise they pend forever).
+``--dependency=afterok`` and ``--kill-on-invalid-dep=yes``, so a stage starts only when the
+previous one succeeded and a failure cancels the rest (without that flag, and without the
+controller's ``DependencyParameters=kill_invalid_depend``, they would pend forever).
 
 Inside a job the stage runs through ``elastictrain run --stages NAME`` (earlier stages' finished
 checkpoints on the shared run directory are read, not redone) against an *inner* cluster config
@@ -76,7 +77,7 @@ def _run(cmd: list[str]) -> str:
 
 def sbatch(script: Path, after: str | None = None, test_only: bool = False) -> str:
     """Submit ``script`` (after job ``after`` succeeded); the job id, or sbatch's verdict with ``test_only``."""
-    cmd = (["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}"] if after else [])
+    cmd = (["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else [])
            + (["--test-only"] if test_only else []))
     if test_only:  # the verdict goes to stderr, exit status 0 or 1
         out = subprocess.run(cmd + [str(script)], capture_output=True, text=True, timeout=60)
@@ -89,8 +90,14 @@ def job_states(ids: list[str]) -> dict[str, str]:
     no longer knows are left out. ``squeue --states=all`` works without accounting (no sacct)."""
     if not ids:
         return {}
-    out = subprocess.run(["squeue", "-h", "--states=all", "-j", ",".join(ids), "-o", "%i|%T"],
-                         capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["squeue", "-h", "--states=all", "-j", ",".join(ids), "-o", "%i|%T"],
+                             capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise ConfigError("squeue: not found — the jobs' states come from Slurm's client tools "
+                          "(slurm-client) on a login node of the cluster") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError("squeue: no answer from the Slurm controller within 60 s") from None
     states = {}
     for line in out.stdout.splitlines():
         jid, _, state = line.partition("|")

@@ -101,7 +101,7 @@ def cmd_eval(args) -> int:
                          attacks=attacks, attack_images=args.attack_images or None, unit=args.unit,
                          balance=args.balance, groups=args.groups, rename=parse_rename(args.rename or ""),
                          json=Path(args.json) if args.json else None,
-                         plots=Path(args.plots) if args.plots else None))
+                         plots=Path(args.plots) if args.plots else None, runtime=args.runtime))
     return 0
 
 
@@ -134,7 +134,7 @@ def cmd_deploy(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
 
-    submit(args.pipeline, args.cluster, args.out, args.dry_run, overrides=args.set)
+    submit(args.pipeline, args.cluster, args.out, args.dry_run, overrides=args.set, force=args.force)
     return 0
 
 
@@ -216,6 +216,9 @@ def parser() -> argparse.ArgumentParser:
                                     "'shortcut.=downsample.,linear.=fc.'")
     s.add_argument("--json", help="write everything as JSON here")
     s.add_argument("--plots", help="write weights.png (non-zero histograms) and density.png here")
+    s.add_argument("--runtime", action="store_true",
+                   help="run the model as `deploy --format runtime` does: pruned channels removed, BN folded, "
+                        "each layer's fastest exact implementation on this machine")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("export", help="write a checkpoint as a packed .etz artifact (its bytes: the honest ratio)")
@@ -244,6 +247,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", required=True, help="a kind: slurm cluster, or kind: ray with ray.job_server")
     s.add_argument("--out", help="run directory (default: <cluster storage>/<pipeline name>; shared storage)")
     s.add_argument("--dry-run", action="store_true", help="print the job scripts instead of submitting")
+    s.add_argument("--force", action="store_true",
+                   help="submit even while jobs recorded for this run directory are still queued or running")
     _set_option(s)
     s.set_defaults(fn=cmd_submit)
 

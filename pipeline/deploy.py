@@ -118,7 +118,9 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
     with ex.staged_dir(req.out) as tmp:
         for f in formats:
             if f == "runtime":
-                rt, tuning = _runtime(folded, x, req.tune_batch)
+                from elastictrain.runtime import tuned
+
+                rt, tuning = tuned(folded, x, req.tune_batch)
                 files[f] = ex.export_pt2(rt, x, tmp / ex.FILES[f], str(req.path))
             else:
                 write = ex.export_pt2 if f == "torch" else ex.export_onnx
@@ -144,18 +146,6 @@ def run_deploy(req: DeployRequest, log=print) -> dict:
         + f", {ex.MANIFEST}; input {'×'.join(map(str, x.shape[1:]))} from {origin}")
     log("max |Δ logits| vs the checkpoint's model: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
     return out
-
-
-def _runtime(folded: torch.nn.Module, x: torch.Tensor, batch: int):
-    """The folded model with each layer's fastest exact implementation on this machine, tuned on a
-    random batch of ``batch`` images of ``x``'s shape, and the tuning (every candidate's timing)."""
-    import copy
-
-    from elastictrain.runtime import apply, autotune
-
-    xb = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(1))
-    tuning = autotune(folded, xb)
-    return apply(copy.deepcopy(folded), tuning.choices()).eval(), tuning
 
 
 def _diff(model, x: torch.Tensor, reference: torch.Tensor) -> float:

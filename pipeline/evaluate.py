@@ -45,6 +45,9 @@ class EvalRequest:
     model definition names layers differently from ours."""
     json: Optional[Path] = None
     plots: Optional[Path] = None
+    runtime: bool = False
+    """evaluate the model as ``deploy --format runtime`` runs it (shrunk, folded, each layer's
+    fastest exact implementation, tuned here at min(batch size, 64))."""
 
 
 def load_any(path: Path) -> dict:
@@ -169,6 +172,21 @@ def _eval_deployed(req: EvalRequest, log) -> dict:
     return out
 
 
+def _runtime_model(model, bundle, req: EvalRequest, device, log):
+    """``model`` as the deploy runtime runs it, and the tuning (each layer's choice and timings)."""
+    from elastictrain.deploy import shrink
+    from elastictrain.deploy.export import fold_batchnorm
+    from elastictrain.runtime import tuned
+
+    x = torch.randn(1, bundle.in_channels, bundle.image_size, bundle.image_size, device=device)
+    small, _ = shrink(model.eval(), x)
+    rt, tuning = tuned(fold_batchnorm(small), x, min(req.batch_size, 64))
+    impls = [c.impl for c in tuning.layers]
+    log(f"[eval] runtime: {', '.join(f'{impls.count(i)} {i}' for i in dict.fromkeys(impls))} layers "
+        f"(tuned at batch {tuning.batch}, {tuning.threads} threads)")
+    return rt, tuning.to_dict()
+
+
 def run_eval(req: EvalRequest, log=print) -> dict:
     """Everything ``elastictrain eval`` prints, as a dict (also written to ``req.json``)."""
     from elastictrain.measure.structure import format_summary, summary
@@ -176,6 +194,9 @@ def run_eval(req: EvalRequest, log=print) -> dict:
     if req.path.suffix in SUFFIXES:
         return _eval_deployed(req, log)
     device = _device(req.device)
+    if req.runtime and (req.data is None or req.attacks):
+        raise ConfigError("--runtime: evaluates accuracy on --data, without --attacks (the runtime's "
+                          "sparse layers compute no gradients)")
     ckpt = load_any(req.path)
     sd = checkpoint.model_state(ckpt, str(req.path))
     if req.rename:
@@ -191,12 +212,17 @@ def run_eval(req: EvalRequest, log=print) -> dict:
              if bundle is not None or req.model or ckpt.get("model") else None)
     if bundle is not None:
         from elastictrain.data.loader import make_test_loader
+        from elastictrain.models.fit import dry_forward
         from elastictrain.progress import Progress
         from elastictrain.train import evaluate
         from elastictrain.train.attacks import robust_accuracy
 
+        image = torch.zeros(2, bundle.in_channels, bundle.image_size, bundle.image_size, device=device)
+        dry_forward(model, image, f"{req.path}: model {ckpt.get('model') or req.model} on {req.data}")
         test = make_test_loader(bundle, data, device)
         prog = Progress("auto", log, prefix="[eval] ")
+        if req.runtime:
+            model, out["runtime"] = _runtime_model(model, bundle, req, device, log)
         acc = evaluate(model, test, progress=prog)
         out.update(top1=acc["top1"], top5=acc["top5"], test_loss=acc["test_loss"], test_images=acc["test_images"])
         out["robust"] = {}

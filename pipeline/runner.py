@@ -4,6 +4,7 @@ the same command continues where it stopped."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,7 @@ from elastictrain.config import ConfigError, to_plain
 from elastictrain.data import load as load_data
 from elastictrain.distributed.shards import check_shardable
 from elastictrain.models import build_model
+from elastictrain.models.fit import dry_forward
 from elastictrain.train import Backend, Local
 
 from .config import ClusterConfig, PipelineConfig, PipelineFile, load_pipeline, snapshot_pipeline
@@ -37,10 +39,15 @@ def _device(cluster: ClusterConfig) -> torch.device:
 
 def validate(cfg: PipelineConfig, num_classes: int, in_channels: int, sharded: bool = False,
              image_size: int = 32) -> None:
-    """Every stage's spec against the model's shapes (and, for coupled pruning, its graph on
-    ``image_size`` images), and the tightening rule — before any training. ``sharded`` (ZeRO-3):
+    """The model by name and one dry forward of an ``image_size`` batch through it (a model that
+    does not fit the data is one line naming the layer), every stage's spec against the model's
+    shapes (and, for coupled pruning, its graph), and the tightening rule — before any training. ``sharded`` (ZeRO-3):
     the constraints must be ones the projection can run on slices."""
-    model = build_model(cfg.model.name, num_classes=num_classes, in_channels=in_channels)
+    try:
+        model = build_model(cfg.model.name, num_classes=num_classes, in_channels=in_channels)
+    except ValueError as e:  # an unknown name; its message names the models there are
+        raise ConfigError(str(e).replace("model: ", "model.name: ", 1)) from None
+    dry_forward(model, torch.zeros(2, in_channels, image_size, image_size), f"model {cfg.model.name}")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     prev, prev_where = {}, ""
     coupled = None  # read off the graph once, for the first stage that needs it
@@ -110,6 +117,9 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
         raise ValueError("run_pipeline: a ray cluster needs the pipeline's source (workers load its snapshot)")
     mode = resolve_mode(cfg.tracking.wandb)  # here, once: workers see the same mode whatever their env
     cfg.tracking.wandb.mode = mode
+    wandb_dir = cfg.tracking.wandb.dir or os.environ.get("WANDB_DIR") or None  # W&B's own setting wins over RUN_DIR
+    if wandb_dir:
+        cfg.tracking.wandb.dir = str(Path(wandb_dir).resolve())
     if cluster.threads and cluster.kind == "single":
         torch.set_num_threads(cluster.threads)
     device = _device(cluster)
@@ -129,7 +139,8 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
         raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
     snapshot = None
     if source is not None:
-        snapshot = snapshot_pipeline(source, Path(run_dir) / "pipeline.yaml", [f"tracking.wandb.mode={mode}"])
+        snapshot = snapshot_pipeline(source, Path(run_dir) / "pipeline.yaml", [f"tracking.wandb.mode={mode}"] + (
+            [f"tracking.wandb.dir={cfg.tracking.wandb.dir}"] if cfg.tracking.wandb.dir else []))
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
     ctx = Context(cfg, bundle, Path(run_dir), Local(device, autocast), log=log, cluster=to_plain(cluster))
     reports, previous = [], None

@@ -38,10 +38,35 @@ def _record(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# scheduler states of a job that has not ended (Slurm's and the Ray Jobs API's)
+LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+        "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+def live_jobs(record: dict) -> dict[str, tuple[str, str]]:
+    """{stage (or "driver"): (job id, state)} of the recorded jobs the scheduler still has queued or
+    running; a ConfigError when it cannot be asked (no ``squeue``, a head that does not answer)."""
+    jobs = record.get("jobs", {})
+    if not jobs:
+        return {}
+    if record.get("kind") == "slurm":
+        from jobs.slurm import job_states
+
+        states = job_states([j["id"] for j in jobs.values()])
+    else:
+        states = {j["id"]: _ray_state(record, j["id"]) for j in jobs.values()}
+    return {k: (j["id"], states[j["id"]]) for k, j in jobs.items() if states.get(j["id"]) in LIVE}
+
+
 def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[str] = None, dry_run: bool = False,
-           log=print, overrides: Sequence[str] = ()) -> dict:
+           log=print, overrides: Sequence[str] = (), force: bool = False) -> dict:
     """Submit every unfinished stage; returns (and records) {stage: job id}. The jobs run the
-    snapshot ``RUN_DIR/submit/pipeline.yaml`` (``overrides`` applied, spec paths absolute)."""
+    snapshot ``RUN_DIR/submit/pipeline.yaml`` (``overrides`` applied, spec paths absolute).
+
+    Refused while jobs recorded for this run directory are still queued or running (a second
+    chain would race the first on the same stages), unless ``force``. Each job is recorded in
+    ``RUN_DIR/submit/jobs.json`` as soon as the scheduler took it, so a failure half-way through a
+    chain leaves no queued job unrecorded."""
     source = read_pipeline(Path(pipeline_path).resolve(), overrides)
     cfg = source.cfg
     cluster = load_cluster(cluster_path)
@@ -56,28 +81,35 @@ def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[st
     if not pending:
         log(f"{run_dir}: every stage has finished; nothing to submit")
         return {}
+    if not force:  # (nothing is queued when every stage has finished, so only now)
+        live = live_jobs(_record(run_dir))
+        if live:
+            raise ConfigError(f"{run_dir}: jobs of this run are still queued or running ("
+                              + ", ".join(f"{k}: {i} {st}" for k, (i, st) in live.items())
+                              + "); wait for them, cancel them, or pass --force")
     done = [s.name for s in cfg.stages if s.name not in pending]
     if done:
         log(f"finished earlier, not resubmitted: {', '.join(done)}")
     pipeline_path = run_dir / "submit" / "pipeline.yaml"
+    record = _record(run_dir)
     if not dry_run:
         snapshot_pipeline(source, pipeline_path)
-    if cluster.kind == "slurm":
-        jobs = _submit_slurm(cfg.name, pipeline_path, cluster, run_dir, pending, dry_run, log)
-    else:
-        jobs = _submit_ray(pipeline_path, Path(cluster_path).resolve(), cluster, run_dir, dry_run, log)
-    if not dry_run:
-        record = _record(run_dir)
         record.update(pipeline=str(source.path), overrides=list(overrides),
                       cluster=str(Path(cluster_path).resolve()), kind=cluster.kind,
                       stages=[s.name for s in cfg.stages])
-        record.setdefault("jobs", {}).update({k: {"id": v, "submitted": time.time()} for k, v in jobs.items()})
         write_json(record, run_dir / "submit" / "jobs.json")
-    return jobs
+
+    def queued(key: str, job: str) -> None:  # recorded at once: a later sbatch may fail
+        record.setdefault("jobs", {})[key] = {"id": job, "submitted": time.time()}
+        write_json(record, run_dir / "submit" / "jobs.json")
+
+    if cluster.kind == "slurm":
+        return _submit_slurm(cfg.name, pipeline_path, cluster, run_dir, pending, dry_run, log, queued)
+    return _submit_ray(pipeline_path, Path(cluster_path).resolve(), cluster, run_dir, dry_run, log, queued)
 
 
 def _submit_slurm(name: str, pipeline: Path, cluster: ClusterConfig, run_dir: Path, stages: list[str],
-                  dry_run: bool, log) -> dict:
+                  dry_run: bool, log, queued) -> dict:
     from jobs.slurm import inner_cluster, render, sbatch
 
     sub = run_dir / "submit"
@@ -95,11 +127,13 @@ def _submit_slurm(name: str, pipeline: Path, cluster: ClusterConfig, run_dir: Pa
         path = sub / f"{s}.sbatch"
         path.write_text(text)
         after = jobs[s] = sbatch(path, after)
+        queued(s, after)
         log(f"[{s}] submitted: Slurm job {after}" + (f" (afterok {list(jobs.values())[-2]})" if len(jobs) > 1 else ""))
     return jobs
 
 
-def _submit_ray(pipeline: Path, cluster_path: Path, cluster: ClusterConfig, run_dir: Path, dry_run: bool, log) -> dict:
+def _submit_ray(pipeline: Path, cluster_path: Path, cluster: ClusterConfig, run_dir: Path, dry_run: bool, log,
+                queued) -> dict:
     workdir = Path(cluster.ray.working_dir or ROOT).resolve()
     entry = f"{cluster.ray.python} -m pipeline.cli run {pipeline} --cluster {cluster_path} --out {run_dir}"
     if dry_run:
@@ -107,6 +141,7 @@ def _submit_ray(pipeline: Path, cluster_path: Path, cluster: ClusterConfig, run_
             f"runtime_env: {ray_jobs.runtime_env(workdir)}")
         return {}
     job = ray_jobs.submit_driver(cluster.ray.job_server, entry, workdir)
+    queued("driver", job)
     log(f"submitted: Ray job {job} at {cluster.ray.job_server} (all stages, in order)")
     return {"driver": job}
 

@@ -35,6 +35,8 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     log_every: int = 20
     """training steps between step-level logs (loss, LR, images/s)."""
+    dir: Optional[str] = None
+    """where W&B writes its runs: this, else $WANDB_DIR (read once by the driver), else RUN_DIR."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -104,7 +106,8 @@ class WandbTracker(NullTracker):
         self.wandb = wandb
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=self.group, job_type=stage,
                               name=f"{pipeline}/{stage}", id=self.run_id, resume="allow", tags=list(cfg.tags),
-                              dir=str(run_dir), mode=mode, config=config, reinit="create_new",
+                              dir=str(Path(cfg.dir) if cfg.dir else run_dir), mode=mode, config=config,
+                              reinit="create_new",
                               settings=wandb.Settings(console="off", x_disable_stats=True))
         self.run.define_metric("train/step")
         self.run.define_metric("*", step_metric="train/step")

@@ -262,3 +262,24 @@ def test_vgg16_1000x_2bit_within_factor_of_floor(tmp_path):
     # the honest ratio sits far below the seed's nominal 16000×, and above the accounting estimate
     assert math.isclose(c.report["nominal_compression"], 16000, rel_tol=1e-3)
     assert c.report["storage_compression"] < rep["honest_compression"] < 16000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_research_release_masks_of_any_dtype_export_near_the_floor(tmp_path, dtype):
+    """A checkpoint as PyTorch-style pruning code writes it — no spec, the masks 0/1 tensors of the
+    weights' dtype (or uint8) — packs like our bool masks: the mask is the weights' support, stored
+    once and cast back on load (bit-identical), so the artifact stays within 1.15× of its entropy
+    floor and far below the dense weights."""
+    torch.manual_seed(0)
+    sd = build_model("vgg16").state_dict()
+    c = compress_state_dict(sd, parse({"rules": [{"match": "*.weight", "prune": {"ratio": 20, "scope": "global"}}]}))
+    ck = checkpoint.compressed_checkpoint(c.state_dict, c.states, None)
+    masks = ck["elastic_trainer_state_dict"]["model_buffers_state_dict"]["weight_mask"]
+    for name in masks:
+        masks[name] = masks[name].to(dtype)
+    rep = artifact.export(ck, tmp_path / "vgg.etz")
+    assert_round_trip(ck, artifact.load(tmp_path / "vgg.etz"))
+    ratio = 8 * rep["weights_bytes"] / artifact.floor_bits(ck)["weights_bits"]
+    assert 1.0 <= ratio <= 1.15, ratio
+    dense = 4 * sum(v.numel() for k, v in ck["model_state_dict"].items() if k.endswith(".weight"))
+    assert rep["bytes"] < dense / 10

@@ -108,6 +108,10 @@ class Work:
     def cmd_run(self, edit=None, *extra: str, cluster: str | None = None) -> list[str]:
         return ["run", self.pipeline(edit), "--cluster", cluster or self.cluster(), "--out", str(self.run), *extra]
 
+    def fresh_run(self, edit=None) -> list[str]:
+        """``run`` into a new run directory (nothing finished there to compare the model with)."""
+        return ["run", self.pipeline(edit), "--cluster", self.cluster(), "--out", str(self.tmp / "fresh")]
+
     def submit(self, **slurm) -> list[str]:
         """(``--dry-run``: were a check to regress, nothing reaches a real Slurm.)"""
         return ["submit", self.pipeline(), "--cluster", self.slurm(**slurm), "--out", str(self.run), "--dry-run"]
@@ -132,6 +136,12 @@ def _eval_five_class_head(w: Work) -> list[str]:
     five = w.tmp / "five-class.pt"
     assert main(["init", "smallcnn", "--num-classes", "5", "--in-channels", "1", "--out", str(five)]) == 0
     return ["eval", str(five), "--data", "fashion-mnist", "--limit-test", "100"]
+
+
+def _eval_vgg16_without_pad(w: Work) -> list[str]:
+    vgg = w.tmp / "vgg16.pt"
+    assert main(["init", "vgg16", "--in-channels", "1", "--out", str(vgg)]) == 0
+    return ["eval", str(vgg), "--data", "fashion-mnist", "--limit-test", "100"]
 
 
 def case(name: str, argv: Callable[[Work], list[str]], message: str, data: bool = False):
@@ -190,6 +200,10 @@ CASES = [
          "dense_pretrain/checkpoint.pt: finished with num_classes 10 (this pipeline: 5)", data=True),
     case("batch-larger-than-data", lambda w: w.cmd_run(_set("data", limit_train=50)),
          "data.batch_size: 100 is more than the 50 training examples (data.limit_train: 50)", data=True),
+    case("unknown-model", lambda w: w.fresh_run(lambda c: c["model"].update(name="vgg17")),
+         "pipeline 'tiny': model.name: unknown model 'vgg17' (expected one of", data=True),
+    case("model-does-not-fit-data", lambda w: w.fresh_run(lambda c: c["model"].update(name="vgg16")),
+         "pipeline 'tiny': model vgg16: input 1×28×28 does not fit the model (at features.", data=True),
     case("other-model-over-run", lambda w: w.cmd_run(lambda c: c["model"].update(name="lenet5")),
          "dense_pretrain/checkpoint.pt: finished with model 'smallcnn' (this pipeline: 'lenet5')", data=True),
     # cluster files
@@ -239,6 +253,8 @@ CASES = [
     case("eval-missing-artifact", lambda w: ["eval", str(w.run / "nope.etz")], "nope.etz: no such artifact"),
     case("eval-cuda-without-gpu", lambda w: ["eval", w.ckpt, "--device", "cuda"],
          "--device: cuda asked for, but no GPU is visible"),
+    case("eval-model-does-not-fit-data", _eval_vgg16_without_pad,
+         "vgg16.pt: model vgg16 on fashion-mnist: input 1×28×28 does not fit the model (at features.", data=True),
     case("eval-wrong-num-classes", _eval_five_class_head,
          "five-class.pt: the model maps 1-channel images to 5 classes; "
          "fashion-mnist has 1-channel images of 10 classes",

@@ -236,7 +236,7 @@ class _Branchy(nn.Module):
 def test_untraceable_model_and_unfitting_input_are_config_errors():
     with pytest.raises(ConfigError, match="branchy.pt: torch.export cannot export"):
         ex.program(_Branchy(), torch.randn(2, 3), "branchy.pt")
-    with pytest.raises(ConfigError, match=r"here: input 3×28×28 does not fit the model \(RuntimeError"):
+    with pytest.raises(ConfigError, match=r"here: input 3×28×28 does not fit the model \(at features\.0, Conv2d: "):
         ex.check_input(build_model("smallcnn", in_channels=1), torch.randn(1, 3, 28, 28), "here")
 
 
@@ -287,12 +287,14 @@ def test_deploy_runtime_format_is_tuned_here_and_keeps_top1(ckpt, tmp_path, caps
     assert tuned["batch"] == 8 and len(tuned["layers"]) == 4  # SmallCNN: 2 convs, 2 linears
     for layer in tuned["layers"]:
         assert "dense" in layer["ms"] and layer["impl"] == min(layer["ms"], key=layer["ms"].get)
-    if FMNIST.is_file():
+    if FMNIST.is_file():  # the same top-1 from the checkpoint, the .runtime.pt2 and `eval --runtime`
         lines = []
-        for path in (ckpt, out / "model.runtime.pt2"):
-            assert main(["eval", str(path), "--data", "fashion-mnist", "--limit-test", "300"]) == 0
-            lines.append([l for l in capsys.readouterr().out.splitlines() if l.startswith("top-1")][-1])
-        assert lines[0].split("on")[0] == lines[1].split("on")[0]
+        for args in ([str(ckpt)], [str(out / "model.runtime.pt2")], [str(ckpt), "--runtime", "--batch-size", "16"]):
+            assert main(["eval", *args, "--data", "fashion-mnist", "--limit-test", "300"]) == 0
+            printed = capsys.readouterr().out
+            lines.append([l for l in printed.splitlines() if l.startswith("top-1")][-1].split(" on ")[0])
+        assert lines[0] == lines[1] == lines[2]
+        assert "[eval] runtime: " in printed and "tuned at batch 16" in printed
 
 
 def test_deploy_writes_both_formats_and_its_report(deployed):
@@ -341,6 +343,7 @@ def test_eval_of_deployed_files_prints_the_checkpoints_top1(ckpt, deployed, caps
     (["--input-shape", "28,28"], r"--input-shape: expected C,H,W"),
     (["--align", "0"], r"--align: expected a positive integer, got 0"),
     (["--format", "runtime", "--tune-batch", "0"], r"--tune-batch: expected a positive integer, got 0"),
+    (["--format", "runtime,tflite"], r"--format: unknown format 'tflite'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -355,3 +358,10 @@ def test_deploy_refuses_a_folder_that_is_not_a_deploy(ckpt, tmp_path, capsys):
     assert main(["deploy", str(ckpt), "--out", str(tmp_path), "--format", "torch"]) == 2
     assert "is not an earlier deploy folder" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_eval_runtime_needs_data_and_no_attacks(ckpt, capsys):
+    for extra in ([], ["--data", "fashion-mnist", "--attacks", "fgsm"]):
+        assert main(["eval", str(ckpt), "--runtime", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--runtime: evaluates accuracy on --data, without --attacks" in err, err

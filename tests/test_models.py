@@ -172,3 +172,15 @@ def test_unknown_model():
 def test_bad_sizes_name_the_field(field, kwargs):
     with pytest.raises(ValueError, match=rf"^model\.{field}: must be a positive integer"):
         build_model("convnet", **kwargs)
+
+
+def test_dry_forward_names_the_failing_layer_and_keeps_the_mode():
+    from elastictrain.config import ConfigError
+    from elastictrain.models.fit import dry_forward
+
+    model = build_model("vgg16", 10, 1).train()
+    with pytest.raises(ConfigError, match=r"^m: input 1×28×28 does not fit the model \(at features\.\d+, MaxPool2d: "):
+        dry_forward(model, torch.zeros(2, 1, 28, 28), "m")
+    assert model.training  # restored after the failure …
+    assert dry_forward(model, torch.zeros(2, 1, 32, 32), "m").shape == (2, 10)
+    assert model.training  # … and after a forward in eval mode

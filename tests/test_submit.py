@@ -190,3 +190,46 @@ def test_bad_cluster_for_submit_is_one_line_error(tmp_path, capsys, cluster, mes
 def test_status_without_a_submission_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="no submission recorded"):
         status(tmp_path)
+
+
+def test_resubmitting_while_jobs_are_queued_is_refused_and_every_job_is_on_record(slurm, tmp_path, capsys):
+    """Both stage jobs are recorded; held in the queue, a second submit names them and queues nothing;
+    ``--force`` submits anyway. The dependent job carries ``--kill-on-invalid-dep=yes`` (the harness's
+    controller has no kill_invalid_depend: the failure test above relies on the flag)."""
+    run_dir = tmp_path / "run"
+    args = ["submit", str(QUICKSTART), "--cluster", str(ROOT / "configs/clusters/slurm-local.yaml"),
+            "--out", str(run_dir),
+            "--set", "stages=[{name: dense_pretrain, epochs: 1}, {name: again, kind: dense_pretrain, epochs: 1}]"]
+    jobs: dict = {}
+    try:
+        assert main(args) == 0
+        jobs = {k: v["id"] for k, v in json.loads((run_dir / "submit" / "jobs.json").read_text())["jobs"].items()}
+        assert list(jobs) == ["dense_pretrain", "again"]
+        subprocess.run(["scontrol", "hold", ",".join(jobs.values())], check=True)
+        show = subprocess.run(["scontrol", "show", "job", jobs["again"]], capture_output=True, text=True).stdout
+        assert "KillOInInvalidDependent=Yes" in show, show
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "jobs of this run are still queued or running" in err, err
+        assert all(j in err for j in jobs.values()) and "--force" in err
+        assert {k: v["id"] for k, v in json.loads((run_dir / "submit" / "jobs.json").read_text())["jobs"].items()} \
+            == jobs  # nothing queued, nothing recorded
+        assert main(args + ["--force"]) == 0
+        forced = json.loads((run_dir / "submit" / "jobs.json").read_text())["jobs"]
+        assert set(forced) == set(jobs) and all(forced[k]["id"] != jobs[k] for k in jobs)
+    finally:  # nothing of this test stays in the queue
+        record = run_dir / "submit" / "jobs.json"
+        ids = [v["id"] for v in json.loads(record.read_text()).get("jobs", {}).values()] if record.is_file() else []
+        if ids or jobs:
+            subprocess.run(["scancel", *jobs.values(), *ids], capture_output=True)
+
+
+def test_status_without_squeue_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "submit").mkdir()
+    (tmp_path / "submit" / "jobs.json").write_text(json.dumps(
+        {"kind": "slurm", "stages": ["dense_pretrain"], "jobs": {"dense_pretrain": {"id": "7", "submitted": 0}}}))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no squeue anywhere
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("elastictrain: error: squeue: not found"), err

@@ -161,3 +161,16 @@ def test_report_joins_the_tracked_run(offline_run, tmp_path, capsys):
         assert {r["name"]: r["nonzeros"] for r in table} == constrained
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["accuracy_vs_compression.png", "density_run.png",
                                                              "weights_run.png"]
+
+
+def test_wandb_dir_from_the_environment_wins_over_the_run_directory(tmp_path, monkeypatch):
+    """``WANDB_DIR`` is W&B's own setting: a user who sets it finds the stage's run there (W&B adds
+    its ``wandb/`` folder), and nothing under RUN_DIR/wandb; the snapshot carries it to workers."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    out = tmp_path / "run"
+    assert _run(out, "stages=[{name: dense_pretrain, epochs: 1}]") == 0
+    found = list((tmp_path / "elsewhere" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(found) == 1 and read_run(found[0])["run"]["job_type"] == "dense_pretrain"
+    assert not (out / "wandb").exists()
+    assert f"dir: {tmp_path / 'elsewhere'}" in (out / "pipeline.yaml").read_text()

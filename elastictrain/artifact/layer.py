@@ -146,22 +146,37 @@ def _find_codes(shape4, support_flat: torch.Tensor, values: torch.Tensor, table:
     return None
 
 
+def binary(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A mask of any dtype as bool when every entry is 0 or 1 (bool; float masks as PyTorch-style
+    pruning code writes them, without -0.0; uint8 / int masks), else None."""
+    if t is None:
+        return None
+    if t.dtype == torch.bool:
+        return t
+    if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+                       torch.int16, torch.int32, torch.int64):
+        return None
+    one = t == 1
+    if not bool(((t == 0) | one).all()) or (t.is_floating_point() and bool(torch.signbit(t).any())):
+        return None
+    return one
+
+
 def analyse(name: str, w: torch.Tensor, buffers: dict[str, dict], plan: Optional[LayerPlan]) -> Analysis:
     w = w.detach().cpu()
     shape4 = tuple(as4d(w).shape)
     bufs = {k: v[name].detach().cpu() for k, v in buffers.items()
             if isinstance(v, dict) and isinstance(v.get(name), torch.Tensor)}
     nonzero = (bits_of(w) != 0) if w.dtype in INT_VIEW else (w != 0)
-    wm = bufs.get("weight_mask")
-    support = nonzero | wm if wm is not None and wm.dtype == torch.bool and wm.shape == w.shape else nonzero
+    wm = binary(bufs.get("weight_mask"))
+    support = nonzero | wm if wm is not None and wm.shape == w.shape else nonzero
     support4 = support.reshape(shape4)
     flat = support4.reshape(-1)
     values = w.reshape(-1)[flat]
     table = bufs.get("quantization_table")
     quant = _find_codes(shape4, flat, values, table, plan) if table is not None else None
-    structured, library = bufs.get("structured_weight_mask"), bufs.get("pattern_library")
-    lvls = levels(support4, structured if structured is not None and structured.dtype == torch.bool else None,
-                  library if library is not None and library.dtype == torch.bool else None)
+    structured, library = binary(bufs.get("structured_weight_mask")), binary(bufs.get("pattern_library"))
+    lvls = levels(support4, structured, library)
     return Analysis(name, w, shape4, support4, values, bufs, quant, lvls)
 
 
@@ -236,25 +251,35 @@ def encode(a: Analysis, put: Callable[[bytes], list]) -> tuple[dict, dict]:
         sizes["values"] = len(vb)
     rec["kept"] = k
     bufs = {}
-    wm = a.buffers.get("weight_mask")
-    wm_is_support = (wm is not None and wm.dtype == torch.bool and wm.shape == a.w.shape
-                     and torch.equal(wm, a.support4.reshape(wm.shape)))
+    wm = binary(a.buffers.get("weight_mask"))
+    wm_is_support = (wm is not None and wm.shape == a.w.shape and torch.equal(wm, a.support4.reshape(wm.shape)))
+
+    def as_dtype(t: torch.Tensor) -> dict:  # a mask stored as a derivation, cast back to its own dtype
+        return {} if t.dtype == torch.bool else {"dtype": dtype_name(t.dtype)}
+
     for key, t in a.buffers.items():
         if key == "weight_mask" and wm_is_support:
-            bufs[key] = "support"
+            bufs[key] = "support" if t.dtype == torch.bool else {"derive": "support", **as_dtype(t)}
         elif key == "quantization_table" and a.quant is not None:
             bufs[key] = "derived"
-        elif key == "pattern_library" and lvl.kind == "pattern" and lvl.from_buffer:
+        elif key == "pattern_library" and lvl.kind == "pattern" and lvl.from_buffer and t.dtype == torch.bool:
             bufs[key] = "derived"
-        elif (key == "structured_weight_mask" and wm_is_support and t.dtype == torch.bool and t.dim() == 4
+        elif (key == "structured_weight_mask" and wm_is_support and binary(t) is not None and t.dim() == 4
               and not any(d % p for d, p in zip(a.shape4, t.shape))
-              and torch.equal(unit_any(a.support4, tuple(t.shape)), t)):
-            bufs[key] = {"derive": "unit_any", "shape": list(t.shape)}
+              and torch.equal(unit_any(a.support4, tuple(t.shape)), binary(t))):
+            bufs[key] = {"derive": "unit_any", "shape": list(t.shape), **as_dtype(t)}
         elif key in ("weight_mask", "structured_weight_mask", "pattern_library", "quantization_table"):
             bufs[key] = tensor_record(t, put)
             sizes["buffers"] += bufs[key]["blob"][1]
     rec["buffers"] = bufs
     return rec, sizes
+
+
+def _mask_dtype(how) -> torch.dtype:
+    name = how.get("dtype", "bool") if isinstance(how, dict) else "bool"
+    if name not in DTYPES:
+        raise ValueError(f"bad mask dtype {name!r}")
+    return DTYPES[name]
 
 
 def decode(rec: dict, get: Callable[[list], bytes]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -305,9 +330,9 @@ def decode(rec: dict, get: Callable[[list], bytes]) -> tuple[torch.Tensor, dict[
             parts = tuple(int(p) for p in how["shape"])
             if len(parts) != 4 or any(p < 1 or d % p for d, p in zip(shape4, parts)):
                 raise ValueError(f"structured mask grid {list(parts)} does not divide shape {shape}")
-            bufs[key] = unit_any(bufs["weight_mask"].reshape(shape4), parts)
-        elif key == "weight_mask" and how == "support":
-            bufs[key] = mask4.reshape(shape).clone()
+            bufs[key] = unit_any(mask4, parts).to(_mask_dtype(how))
+        elif key == "weight_mask" and (how == "support" or (isinstance(how, dict) and how.get("derive") == "support")):
+            bufs[key] = mask4.reshape(shape).to(_mask_dtype(how))
         elif key == "quantization_table" and how == "derived" and table is not None:
             bufs[key] = table
         elif key == "pattern_library" and how == "derived" and library is not None:

@@ -55,14 +55,11 @@ def parse_formats(text: str) -> list[str]:
 
 def check_input(model: nn.Module, example: torch.Tensor, where: str) -> torch.Tensor:
     """The model's output on ``example`` (eval mode, no grad); ConfigError naming ``where`` when the
-    input does not fit the model."""
+    input does not fit the model (``models.fit.dry_forward``) or the output is not logits."""
+    from elastictrain.models.fit import dry_forward
+
     model.eval()
-    try:
-        with torch.no_grad():
-            out = model(example)
-    except (RuntimeError, ValueError, IndexError) as e:
-        raise ConfigError(f"{where}: input {'×'.join(map(str, example.shape[1:]))} does not fit the model "
-                          f"({type(e).__name__}: {_first_line(e)})") from None
+    out = dry_forward(model, example, where)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ConfigError(f"{where}: the model's output is not a batch × classes tensor of logits")
     return out

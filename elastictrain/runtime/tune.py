@@ -14,13 +14,16 @@ from torch import nn
 from elastictrain.runtime.layers import candidates
 
 TOLERANCE = 1e-4  # max |Δ| of a candidate's output vs dense, relative to max(1, largest |output|)
+# a candidate whose first call takes HOPELESS × dense's median, and over HOPELESS_MS, is not timed
+# further (its ms is that call's): a cold first call of a small layer may be slow and still win
+HOPELESS, HOPELESS_MS = 3.0, 5.0
 
 
 @dataclass
 class LayerChoice:
     name: str
     impl: str
-    ms: dict[str, float]                 # median ms of each candidate on this layer's input
+    ms: dict[str, float]                 # median ms of each candidate on this layer's input (one call if hopeless)
     weights: int                         # weights of the dense layer (0 for a pool)
     nonzeros: int
     rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not timed
@@ -85,17 +88,33 @@ def autotune(model: nn.Module, example: torch.Tensor, warmup: int = 2, runs: int
             scale = max(1.0, float(ref.abs().max()))
             ms, rejected = {}, {}
             for impl, m in candidates(dense).items():
+                t0 = time.perf_counter()
                 try:
-                    err = float((m(x) - ref).abs().max())
+                    out = m(x)
+                    err = float((out - ref).abs().max())  # (.max() waits for a GPU result)
                 except RuntimeError as e:
                     rejected[impl] = f"failed: {str(e).splitlines()[0][:120]}"
                     continue
+                first = 1000 * (time.perf_counter() - t0)
                 if not err <= TOLERANCE * scale:
                     rejected[impl] = f"inexact: max |Δ| {err:.3g}"
+                    continue
+                if impl != "dense" and first > max(HOPELESS * ms["dense"], HOPELESS_MS):  # not worth timing
+                    ms[impl] = first
                     continue
                 ms[impl] = _median_ms(m, x, warmup, runs)
             layers.append(LayerChoice(name, min(ms, key=ms.get), ms, w.numel(), int((w != 0).sum()), rejected))
     return Tuning(int(example.shape[0]), torch.get_num_threads(), layers)
+
+
+def tuned(model: nn.Module, example: torch.Tensor, batch: int) -> tuple[nn.Module, Tuning]:
+    """A copy of ``model`` with each layer's fastest exact implementation here, tuned on a random
+    batch of ``batch`` inputs shaped like ``example``'s, and the tuning."""
+    import copy
+
+    xb = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(1)).to(example.device)
+    tuning = autotune(model, xb)
+    return apply(copy.deepcopy(model), tuning.choices()).eval(), tuning
 
 
 def apply(model: nn.Module, choices: dict[str, str]) -> nn.Module:

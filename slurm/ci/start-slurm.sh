@@ -61,7 +61,6 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/log/jobcomp.txt
-DependencyParameters=kill_invalid_depend
 EnforcePartLimits=ALL
 MinJobAge=3600
 MailProg=/bin/true
