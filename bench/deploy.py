@@ -475,7 +475,7 @@ def main(argv=None) -> dict:
                          "(torch-pruning)") from None
     import torch._inductor.config as inductor
 
-    from bench.machine import cpu_busy, describe, out_path, write_result
+    from bench.machine import cpu_busy, describe, write_with_table
 
     torch.set_num_threads(THREADS)
     inductor.freezing = True  # weights as constants: oneDNN prepacks them (CPU inference's setting)
@@ -501,13 +501,10 @@ def main(argv=None) -> dict:
                            "torch_pruning": torch_pruning.__version__, "torch_pruning_runtimes": list(a.tp_runtimes),
                            "quick": a.quick},
               "seconds": time.perf_counter() - t0, "rows": rows}
-    out = Path(out_path(a, "deploy"))
-    write_result(result, out)
-    if not a.quick:
-        note = (f"Latency in ms (median of {a.runs} after {a.warmup} warm-up; speedup vs dense in the same runtime), "
-                f"{THREADS} threads, {describe()['cpu_model']}; peak RSS of a fresh interpreter running the model "
-                "eagerly (+ the part above its RSS before loading); max abs Δ: logits vs the masked model.")
-        out.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
+    note = (f"Latency in ms (median of {a.runs} after {a.warmup} warm-up; speedup vs dense in the same runtime), "
+            f"{THREADS} threads, {describe()['cpu_model']}; peak RSS of a fresh interpreter running the model "
+            "eagerly (+ the part above its RSS before loading); max abs Δ: logits vs the masked model.")
+    write_with_table(result, a, "deploy", note, md)
     bad = inexact(rows)
     if bad:
         raise SystemExit(f"deploy: logits differ from the masked model's by more than {TOLERANCE:g}: {'; '.join(bad)}")

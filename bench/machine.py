@@ -90,6 +90,18 @@ def write_result(result: dict, out) -> None:
     print(f"wrote {out}")
 
 
+def write_with_table(result: dict, args, name: str, note: str, md: str):
+    """The JSON at ``out_path``, and — for a full run — ``note`` and the Markdown table ``md`` beside
+    it (NAME.md); returns the JSON's path."""
+    from pathlib import Path
+
+    out = Path(out_path(args, name))
+    write_result(result, out)
+    if not args.quick:
+        out.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
+    return out
+
+
 def spawn_two(worker, *args, out) -> list:
     """Run ``worker(rank, port, *args, rows_path)`` on two processes (loopback port); rank 0
     writes its rows as JSON to ``rows_path``, which this returns."""

@@ -305,7 +305,7 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    from bench.machine import cpu_busy, describe, out_path, write_result
+    from bench.machine import cpu_busy, describe, write_with_table
     from elastictrain.runtime import ext
 
     torch.set_num_threads(THREADS)
@@ -325,13 +325,10 @@ def main(argv=None) -> dict:
                            "compiled_kernels": kernels is not None, "kernels_unavailable": ext.unavailable(),
                            "quick": a.quick},
               "seconds": time.perf_counter() - t0, "rows": rows, "thread_scaling": scaling}
-    out = Path(out_path(a, "runtime"))
-    write_result(result, out)
-    if not a.quick:
-        note = (f"Latency in ms (median of {a.runs} after {a.warmup} warm-up; speedup vs dense), {THREADS} threads, "
-                f"{describe()['cpu_model']}; deployed = pruned channels removed, BN folded; runtime = each layer's "
-                "fastest exact implementation after autotune.")
-        out.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
+    note = (f"Latency in ms (median of {a.runs} after {a.warmup} warm-up; speedup vs dense), {THREADS} threads, "
+            f"{describe()['cpu_model']}; deployed = pruned channels removed, BN folded; runtime = each layer's "
+            "fastest exact implementation after autotune.")
+    write_with_table(result, a, "runtime", note, md)
     bad = [f"{r['row']} {k}: {v:.2g}" for r in rows for k, v in r["max_abs_diff"].items() if v > TOLERANCE]
     bad += [f"{r['row']} {k}: top-1 differs" for r in rows for k, v in r["top1_identical"].items() if not v]
     if bad:

@@ -264,9 +264,9 @@ def encode(a: Analysis, put: Callable[[bytes], list]) -> tuple[dict, dict]:
             bufs[key] = "derived"
         elif key == "pattern_library" and lvl.kind == "pattern" and lvl.from_buffer and t.dtype == torch.bool:
             bufs[key] = "derived"
-        elif (key == "structured_weight_mask" and wm_is_support and binary(t) is not None and t.dim() == 4
+        elif (key == "structured_weight_mask" and wm_is_support and (units := binary(t)) is not None and t.dim() == 4
               and not any(d % p for d, p in zip(a.shape4, t.shape))
-              and torch.equal(unit_any(a.support4, tuple(t.shape)), binary(t))):
+              and torch.equal(unit_any(a.support4, tuple(t.shape)), units)):
             bufs[key] = {"derive": "unit_any", "shape": list(t.shape), **as_dtype(t)}
         elif key in ("weight_mask", "structured_weight_mask", "pattern_library", "quantization_table"):
             bufs[key] = tensor_record(t, put)

@@ -52,10 +52,8 @@ class _SparseValues(nn.Module):
 
     def _store_values(self, val: torch.Tensor) -> None:
         table, codes = torch.unique(val, return_inverse=True)
-        code_bytes = 1 if len(table) <= 256 else 2
-        if len(table) <= MAX_CODES and len(val) * code_bytes + 4 * len(table) < 4 * len(val):  # codes save bytes
-            # uint8 codes up to 256 values; else int16 holding code − 32768 (torch has no uint16 indexing)
-            small = len(table) <= 256
+        small = len(table) <= 256  # uint8 codes; else int16 holding code − 32768 (torch has no uint16 indexing)
+        if len(table) <= MAX_CODES and len(val) * (1 if small else 2) + 4 * len(table) < 4 * len(val):  # saves bytes
             self.register_buffer("codes", codes.to(torch.uint8) if small else (codes - 32768).to(torch.int16))
             self.register_buffer("table", table.contiguous())
             self.register_buffer("val", None)
