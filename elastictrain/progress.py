@@ -14,7 +14,9 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, TextIO
+
+from elastictrain.console import Console
 
 Mode = Literal["auto", "bar", "lines", "off"]
 
@@ -57,11 +59,11 @@ class LineBar:
 
 
 class TqdmBar:
-    def __init__(self, total: Optional[int], desc: str, unit: str):
+    def __init__(self, total: Optional[int], desc: str, unit: str, stream: TextIO):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False,
-                        file=sys.stderr, mininterval=0.5)
+                        file=stream, mininterval=0.5)
 
     def update(self, n: int = 1, **postfix) -> None:
         if postfix:
@@ -82,7 +84,8 @@ class Silent:
 
 @dataclass
 class Progress:
-    """A factory of bars: ``mode`` auto = a bar when stderr is a terminal, lines otherwise."""
+    """A factory of bars: ``mode`` auto = a bar when the terminal is one, lines otherwise. The
+    terminal is stderr, or the console's while a ``Console`` (as ``log``) is quiet."""
 
     mode: Mode = "auto"
     log: Callable[[str], None] = print
@@ -91,11 +94,12 @@ class Progress:
 
     def __call__(self, total: Optional[int] = None, desc: str = "", unit: str = "it"):
         mode = self.mode
+        stream = (self.log.stream if isinstance(self.log, Console) else None) or sys.stderr
         if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
+            mode = "bar" if stream.isatty() else "lines"
         desc = f"{self.prefix}{desc}"
         if mode == "bar":
-            return TqdmBar(total, desc, unit)
+            return TqdmBar(total, desc, unit, stream)
         if mode == "lines":
             return LineBar(total, desc, unit, self.log, self.every_s)
         return Silent()

@@ -15,6 +15,7 @@ cluster must be shared storage that every node and the submitting host see at th
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -42,6 +43,9 @@ class RayConfig:
     """submit: the folder shipped to the cluster as the job's working directory (default: this repository)."""
     python: str = "python"
     """submit: the interpreter the driver job runs on the cluster."""
+    connect_timeout_s: float = 30.0
+    """how long a running head (``address``) or its Jobs API (``job_server``) may take to answer
+    before the command stops with one line naming it."""
     max_failures: int = 3
     """a lost worker (killed, node gone) restarts the worker group, which resumes the stage from
     its last completed epoch; this many times per stage (0: fail at once)."""
@@ -49,6 +53,8 @@ class RayConfig:
     def __post_init__(self) -> None:
         if self.max_failures < 0:
             fail("max_failures", f"must be >= 0 (got {self.max_failures})")
+        if not self.connect_timeout_s > 0:
+            fail("connect_timeout_s", f"must be > 0 (got {self.connect_timeout_s})")
         if self.num_workers < 1:
             fail("num_workers", f"must be >= 1 (got {self.num_workers})")
         if self.cpus_per_worker <= 0:
@@ -190,3 +196,19 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def check_answers(address: str, key: str, timeout_s: float) -> None:
+    """One line naming ``address`` unless something accepts a TCP connection there within
+    ``timeout_s`` (Ray's own client retries a missing head for minutes, printing warnings)."""
+    if address == "auto":
+        return  # Ray reads the address of the head started on this machine, and says when there is none
+    scheme, _, rest = address.rpartition("://")
+    rest = rest.split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():  # each scheme's default port (a bare host:port is a GCS address)
+        host, port = rest, {"http": "80", "https": "443", "ray": "10001"}.get(scheme, "6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise ConfigError(f"{key}: nothing answers at {address} within ray.connect_timeout_s ({timeout_s:g} s): "
+                          f"{why}; is the head running?") from None

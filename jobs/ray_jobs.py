@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jobs.cluster import check_answers
+
 # what the driver job's working directory leaves behind: environments, history, outputs
 EXCLUDES = [".venv", ".git", "runs", "bench/results", "*.pt", "*.etz"]
 
 
-def submit_driver(job_server: str, entrypoint: str, working_dir: Path) -> str:
-    """Submit ``entrypoint`` as one job with ``working_dir`` shipped to the head; returns its id."""
+def submit_driver(job_server: str, entrypoint: str, working_dir: Path, timeout_s: float = 30.0) -> str:
+    """Submit ``entrypoint`` as one job with ``working_dir`` shipped to the head; returns its id.
+    A Jobs API that does not answer within ``timeout_s`` is one line naming it."""
     from ray.job_submission import JobSubmissionClient
 
+    check_answers(job_server, "ray.job_server", timeout_s)
     client = JobSubmissionClient(job_server)
     return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError, to_plain
+from elastictrain.console import Console
 from elastictrain.constraints import spec as spec_mod
 from elastictrain.files import json_safe, write_json
 from elastictrain.measure.accounting import format_table
@@ -77,7 +78,7 @@ def cmd_run(args) -> int:
     cluster = load_cluster(args.cluster)
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     only = [s for s in args.stages.split(",") if s] if args.stages else None
-    reports = run_pipeline(cfg, cluster, run_dir, only, source=source)
+    reports = run_pipeline(cfg, cluster, run_dir, only, source=source, console=Console(verbose=args.verbose))
     final = reports[-1] if reports else None
     if final is None:
         print(f"{run_dir}: every stage had finished already")
@@ -192,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
                    help="cluster config (default: configs/clusters/local.yaml — in-process Ray, 2 workers)")
     s.add_argument("--out", help="run directory (default: runs/<pipeline name>)")
     s.add_argument("--stages", help="comma-separated stage names to run (earlier ones must have finished)")
+    s.add_argument("-v", "--verbose", action="store_true",
+                   help="show other libraries' output and every Ray worker's live (default: in RUN_DIR/logs/)")
     _set_option(s)
     s.set_defaults(fn=cmd_run)
 

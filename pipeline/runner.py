@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -12,11 +13,14 @@ import torch
 
 from elastictrain import checkpoint
 from elastictrain.config import ConfigError, to_plain
+from elastictrain.console import Console
+from elastictrain.data import DataBundle
 from elastictrain.data import load as load_data
 from elastictrain.distributed.shards import check_shardable
 from elastictrain.models import build_model
 from elastictrain.models.fit import dry_forward
 from elastictrain.train import Backend, Local
+from jobs.cluster import check_answers
 
 from .config import ClusterConfig, PipelineConfig, PipelineFile, load_pipeline, snapshot_pipeline
 from .stage import Context, check_tightening, coupling_for, finished_checkpoint, plans_for, run_stage, stage_dir
@@ -101,11 +105,15 @@ def check_finished(cfg: PipelineConfig, run_dir: Path, num_classes: int, in_chan
     return done
 
 
-def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
-                 only: Optional[list[str]] = None, log=print, source: Optional[PipelineFile] = None) -> list[dict]:
-    """Run the stages in order on ``cluster``. ``source`` (the file ``cfg`` was read from) is
-    snapshotted to ``RUN_DIR/pipeline.yaml`` once everything validated; Ray workers load that
-    snapshot and parse and validate it again on their side."""
+def preflight(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path, only: Optional[list[str]] = None,
+              log=print, submitting: bool = False) -> tuple[Optional[DataBundle], dict[str, dict], torch.device]:
+    """Everything checked before any work (``run``, and ``submit`` before anything is queued):
+    stage names, the batch over the ranks, a head that answers, the data, the finished stages in
+    ``run_dir``, the model (one dry forward) and every stage's spec. Returns (the data, {finished
+    stage: checkpoint}, the device this process would use). Writes nothing.
+
+    ``submitting``: the head is reached through its Jobs API, not here; data this host cannot
+    read (it may live on the cluster only) is said in one line and its checks left to the job."""
     names = [s.name for s in cfg.stages]
     for n in only or []:
         if n not in names:
@@ -113,19 +121,15 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
     if cluster.kind == "ray" and cfg.data.batch_size % cluster.ray.num_workers:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not divide over "
                           f"ray.num_workers: {cluster.ray.num_workers} of cluster {cluster.name!r}")
-    if cluster.kind == "ray" and source is None:
-        raise ValueError("run_pipeline: a ray cluster needs the pipeline's source (workers load its snapshot)")
-    mode = resolve_mode(cfg.tracking.wandb)  # here, once: workers see the same mode whatever their env
-    cfg.tracking.wandb.mode = mode
-    wandb_dir = cfg.tracking.wandb.dir or os.environ.get("WANDB_DIR") or None  # W&B's own setting wins over RUN_DIR
-    if wandb_dir:
-        cfg.tracking.wandb.dir = str(Path(wandb_dir).resolve())
-    if cluster.threads and cluster.kind == "single":
-        torch.set_num_threads(cluster.threads)
+    if cluster.kind == "ray" and cluster.ray.address != "local" and not submitting:  # say so now
+        check_answers(cluster.ray.address, f"cluster {cluster.name!r}: ray.address", cluster.ray.connect_timeout_s)
     device = _device(cluster)
     try:
         bundle = load_data(cfg.data)
     except ValueError as e:  # a missing folder or a malformed file, named by the reader
+        if submitting:
+            log(f"not checked here (the job will): the model against the data, which this host cannot read ({e})")
+            return None, {}, device
         raise ConfigError(str(e)) from None
     if len(bundle.train) < cfg.data.batch_size:  # (the loader would find it too, once a stage has started)
         limit = f" (data.limit_train: {cfg.data.limit_train})" if cfg.data.limit_train else ""
@@ -137,12 +141,46 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
         validate(cfg, bundle.num_classes, bundle.in_channels, sharded=sharded, image_size=bundle.image_size)
     except ConfigError as e:
         raise ConfigError(f"pipeline {cfg.name!r}: {e}") from None
+    for i, stage in enumerate(cfg.stages):
+        if only is not None and stage.name not in only + list(done) and any(n in only for n in names[i + 1:]):
+            raise ConfigError(f"--stages: stage {stage.name!r} must run first "
+                              f"(no finished {Path(run_dir) / stage.name / 'checkpoint.pt'})")
+    return bundle, done, device
+
+
+def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
+                 only: Optional[list[str]] = None, log=print, source: Optional[PipelineFile] = None,
+                 console: Optional[Console] = None) -> list[dict]:
+    """Run the stages in order on ``cluster``, once ``preflight`` passed. ``source`` (the file
+    ``cfg`` was read from) is snapshotted to ``RUN_DIR/pipeline.yaml``; Ray workers load that
+    snapshot and parse and validate it again on their side, and write their output to
+    ``RUN_DIR/logs/STAGE/``. With a ``console`` (the command line's; it replaces ``log``), other
+    libraries' output here goes to ``RUN_DIR/logs/driver.log`` (unless it is verbose: then Ray
+    forwards the workers' output here too)."""
+    log = console or log
+    if cluster.kind == "ray" and source is None:
+        raise ValueError("run_pipeline: a ray cluster needs the pipeline's source (workers load its snapshot)")
+    mode = resolve_mode(cfg.tracking.wandb)  # here, once: workers see the same mode whatever their env
+    cfg.tracking.wandb.mode = mode
+    wandb_dir = cfg.tracking.wandb.dir or os.environ.get("WANDB_DIR") or None  # W&B's own setting wins over RUN_DIR
+    if wandb_dir:
+        cfg.tracking.wandb.dir = str(Path(wandb_dir).resolve())
+    if cluster.threads and cluster.kind == "single":
+        torch.set_num_threads(cluster.threads)
+    bundle, done, device = preflight(cfg, cluster, run_dir, only, log)
     snapshot = None
     if source is not None:
         snapshot = snapshot_pipeline(source, Path(run_dir) / "pipeline.yaml", [f"tracking.wandb.mode={mode}"] + (
             [f"tracking.wandb.dir={cfg.tracking.wandb.dir}"] if cfg.tracking.wandb.dir else []))
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
     ctx = Context(cfg, bundle, Path(run_dir), Local(device, autocast), log=log, cluster=to_plain(cluster))
+    with console.quiet(Path(run_dir) / "logs" / "driver.log") if console is not None else nullcontext():
+        return _run_stages(ctx, cluster, done, only, snapshot, console.verbose if console is not None else False)
+
+
+def _run_stages(ctx: Context, cluster: ClusterConfig, done: dict, only: Optional[list[str]],
+                snapshot: Optional[Path], verbose: bool) -> list[dict]:
+    cfg, run_dir, log = ctx.cfg, ctx.run_dir, ctx.log
     reports, previous = [], None
     for i, stage in enumerate(cfg.stages):
         path = stage_dir(ctx, stage) / "checkpoint.pt"
@@ -152,8 +190,6 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
             previous = done[stage.name]
             continue
         if not selected:
-            if any(n in only for n in names[i + 1:]):
-                raise ConfigError(f"--stages: stage {stage.name!r} must run first (no finished {path})")
             continue
         if cluster.kind == "ray":
             from jobs.ray_train import run_stage_on_ray
@@ -162,24 +198,25 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
                 f"(DeepSpeed ZeRO-{cluster.deepspeed.zero_stage})")
             args = {"pipeline": str(Path(snapshot).resolve()), "run_dir": str(Path(run_dir).resolve()),
                     "index": i, "cluster": to_plain(cluster)}
-            run_stage_on_ray(stage_on_rank, args, cluster, f"{cfg.name}-{stage.name}")
+            run_stage_on_ray(stage_on_rank, args, cluster, f"{cfg.name}-{stage.name}",
+                             Path(run_dir).resolve() / "logs" / stage.name, log, verbose)
             reports.append(json.loads((stage_dir(ctx, stage) / "report.json").read_text()))
         else:
-            log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {device}")
+            log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {ctx.backend.device}")
             reports.append(run_stage(ctx, i, previous))
         previous = checkpoint.load(path)
     return reports
 
 
-def stage_on_rank(backend: Backend, args: dict) -> tuple[dict, Path]:
-    """A Ray Train worker's stage (``jobs.ray_train`` calls it with the rank's backend): the
-    pipeline snapshot and the data are loaded here, the previous stage's checkpoint from shared
-    storage. Returns the metrics Ray Train records and the checkpoint rank 0 wrote."""
+def stage_on_rank(backend: Backend, args: dict, log) -> tuple[dict, Path]:
+    """A Ray Train worker's stage (``jobs.ray_train`` calls it with the rank's backend and a
+    ``log`` that reaches the driver's console from rank 0): the pipeline snapshot and the data are
+    loaded here, the previous stage's checkpoint from shared storage. Returns the metrics Ray Train
+    records and the checkpoint rank 0 wrote."""
     cfg = load_pipeline(args["pipeline"])
     index, run_dir = args["index"], Path(args["run_dir"])
     previous = checkpoint.load(run_dir / cfg.stages[index - 1].name / "checkpoint.pt") if index > 0 else None
-    ctx = Context(cfg, load_data(cfg.data), run_dir, backend, log=print if backend.rank == 0 else (lambda s: None),
-                  cluster=args["cluster"])
+    ctx = Context(cfg, load_data(cfg.data), run_dir, backend, log=log, cluster=args["cluster"])
     report = run_stage(ctx, index, previous)
     metrics = {k: report[k] for k in ("top1", "top5", "pruning_ratio", "nominal_compression", "seconds")}
     return metrics, stage_dir(ctx, cfg.stages[index]) / "checkpoint.pt"

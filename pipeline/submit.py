@@ -24,6 +24,7 @@ from jobs import ray_jobs
 from jobs.cluster import ClusterConfig, load_cluster
 
 from .config import read_pipeline, snapshot_pipeline
+from .runner import preflight
 from .stage import is_finished
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,7 @@ def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[st
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not divide over the "
                           f"{cluster.slurm.nodes * cluster.slurm.ranks_per_node} ranks of cluster {cluster.name!r}")
     run_dir = (Path(out) if out else Path(cluster.storage) / cfg.name).resolve()
+    preflight(cfg, cluster, run_dir, log=log, submitting=True)  # what `run` checks first, before anything is queued
     pending = [s.name for s in cfg.stages if not _finished(run_dir, s.name)]
     if not pending:
         log(f"{run_dir}: every stage has finished; nothing to submit")
@@ -140,7 +142,7 @@ def _submit_ray(pipeline: Path, cluster_path: Path, cluster: ClusterConfig, run_
         log(f"# Ray Jobs API at {cluster.ray.job_server}: one driver job\nentrypoint: {entry}\n"
             f"runtime_env: {ray_jobs.runtime_env(workdir)}")
         return {}
-    job = ray_jobs.submit_driver(cluster.ray.job_server, entry, workdir)
+    job = ray_jobs.submit_driver(cluster.ray.job_server, entry, workdir, cluster.ray.connect_timeout_s)
     queued("driver", job)
     log(f"submitted: Ray job {job} at {cluster.ray.job_server} (all stages, in order)")
     return {"driver": job}

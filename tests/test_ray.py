@@ -27,15 +27,9 @@ PRUNE = str(ROOT / "configs/specs/smallcnn-prune.yaml")
 MIXTURE = str(ROOT / "configs/specs/smallcnn-mixture.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance(tmp_path_factory):
-    from jobs.ray_train import start_ray
-
-    start_ray(cluster(tmp_path_factory.mktemp("ray"), 2))  # sets the loopback settings, then imports Ray
-    import ray
-
-    yield ray
-    ray.shutdown()
+@pytest.fixture(autouse=True)
+def _ray(ray_instance):  # conftest's, shared with test_ray_failures
+    return ray_instance
 
 
 def test_local_ray_binds_to_loopback(ray_instance):
@@ -92,7 +86,7 @@ def test_stages_on_two_workers_write_verified_reports(zero2_run):
         assert verify(plans, sd, checkpoint.buffers(ck)["pattern_library"]) == []
         assert r["constraint_stats"]["mask_updates"] >= 1  # each update was checked across ranks
     # Ray Train's own checkpoint carries the full constraint state
-    ray_ckpts = sorted((tmp / "ray").glob("raytest-quantize/checkpoint_*/checkpoint.pt"))
+    ray_ckpts = sorted((tmp / "ray").glob("raytest-quantize-*/checkpoint_*/checkpoint.pt"))
     assert ray_ckpts
     buf = checkpoint.buffers(checkpoint.load(ray_ckpts[-1]))
     assert buf["weight_mask"] and buf["quantization_table"] and buf["pattern_library"]

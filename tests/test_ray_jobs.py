@@ -28,6 +28,8 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()  # an in-process Ray of earlier modules: `ray stop --force` below would kill it
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     port, dash = _port(), _port()
     tmp = tmp_path_factory.mktemp("head")

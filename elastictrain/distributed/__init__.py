@@ -23,6 +23,7 @@ Only torch / torch.distributed here: no Ray, DeepSpeed or W&B.
 from elastictrain.distributed.kmeans import distributed_kmeans
 from elastictrain.distributed.sparse_reduce import SparseReducer
 from elastictrain.distributed.sync import (
+           RanksDiverged,
            broadcast_masks,
            broadcast_tensors,
            check_identical,
@@ -32,6 +33,6 @@ from elastictrain.distributed.sync import (
 )
 from elastictrain.distributed.threshold import Traffic, global_kth_largest, global_topk_mask, ordered_keys
 
-__all__ = ["SparseReducer", "Traffic", "broadcast_masks", "broadcast_tensors", "check_identical",
+__all__ = ["RanksDiverged", "SparseReducer", "Traffic", "broadcast_masks", "broadcast_tensors", "check_identical",
            "distributed_kmeans", "global_kth_largest", "global_topk_mask", "ordered_keys", "pack_bits",
            "state_fingerprints", "unpack_bits"]

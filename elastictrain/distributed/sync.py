@@ -18,6 +18,13 @@ import torch.distributed as dist
 
 from elastictrain.distributed import _comm
 
+
+class RanksDiverged(RuntimeError):
+    """Constraint state that must be identical on every rank is not: raised on every rank at once,
+    one line naming what differs and where. A launcher reports it and never retries it (a restart
+    from the same resume point would diverge the same way)."""
+
+
 _POW8 = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # bit i of a byte ↔ element i
 
 
@@ -66,7 +73,7 @@ def _names_hash(names: list[str]) -> int:
 
 
 def check_identical(tensors: dict[str, torch.Tensor], what: str, group=None) -> int:
-    """Raise ``RuntimeError`` on every rank unless every rank holds bitwise-identical ``tensors``.
+    """Raise ``RanksDiverged`` on every rank unless every rank holds bitwise-identical ``tensors``.
 
     The message names the first differing layer (sorted order) and each rank that disagrees with
     rank 0. Two all_gathers: (count, hash of the names), then the fingerprints — the first makes the
@@ -79,7 +86,7 @@ def check_identical(tensors: dict[str, torch.Tensor], what: str, group=None) -> 
     head_W2 = _comm.all_gather(torch.tensor([len(names), _names_hash(names)], dtype=torch.int64), group)
     if bool((head_W2 != head_W2[0]).any()):
         odd = [r for r in range(head_W2.shape[0]) if not torch.equal(head_W2[r], head_W2[0])]
-        raise RuntimeError(f"{what} differ across ranks: layer names: rank 0 has {int(head_W2[0, 0])} names, "
+        raise RanksDiverged(f"{what} differ across ranks: layer names: rank 0 has {int(head_W2[0, 0])} names, "
                            + ", ".join(f"rank {r} has {int(head_W2[r, 0])} other names" for r in odd))
     fp_WN = _comm.all_gather(fp_N, group)
     diff_WN = fp_WN != fp_WN[0]
@@ -87,7 +94,7 @@ def check_identical(tensors: dict[str, torch.Tensor], what: str, group=None) -> 
     if bool(bad_N.any()):
         i = int(bad_N.nonzero()[0])
         odd = diff_WN[:, i].nonzero().flatten().tolist()
-        raise RuntimeError(f"{what} differ across ranks: layer {names[i]}: rank 0 has {int(fp_WN[0, i]):016x}, "
+        raise RanksDiverged(f"{what} differ across ranks: layer {names[i]}: rank 0 has {int(fp_WN[0, i]):016x}, "
                            + ", ".join(f"rank {r} has {int(fp_WN[r, i]):016x}" for r in odd)
                            + f" ({int(bad_N.sum())} of {len(names)} layers differ)")
     return _comm.nbytes(head_W2[0]) + _comm.nbytes(fp_N)
