@@ -8,7 +8,7 @@ DEMO   := runs/demo
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data lint test demo demo-single demo-compress bench bench-setup clean
+.PHONY: setup data lint test demo demo-single demo-compress bench bench-setup gpu-check clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,13 @@ demo-compress: setup
 	$(ET) compress $(DEMO)/vgg16.pt --spec configs/specs/vgg16-mixture.yaml \
 		--out $(DEMO)/vgg16-mixture.pt --report $(DEMO)/vgg16-mixture.json
 	$(ET) verify $(DEMO)/vgg16-mixture.pt --spec configs/specs/vgg16-mixture.yaml
+
+# On a machine with a GPU (≤ 8 minutes): the shortened quickstart on the CPU, with CUDA on one
+# process, and on one Ray Train worker over NCCL with bf16 autocast under ZeRO-2 and ZeRO-3, then
+# `eval --device cuda`; masks and top-1 compared with the CPU run (bench/gpu_check.py writes
+# bench/results/gpu-check.json, or $$OUT/gpu-check.json). Exit 3 where no GPU is visible.
+gpu-check: setup data
+	timeout 480 $(BIN)/python bench/gpu_check.py
 
 # The peer libraries bench/peers.py compares against (bench/requirements.txt: benchmark-only, not
 # dependencies of the package); constraints.txt keeps the venv's torch as it is.

@@ -24,12 +24,14 @@ from jobs.deepspeed_engine import autocast_dtype, gathered_state_dict, initializ
 
 
 class DeepSpeedBackend:
-    def __init__(self, ds: DeepSpeedConfig, rank: int, world_size: int, device: torch.device):
+    def __init__(self, ds: DeepSpeedConfig, rank: int, world_size: int, device: torch.device, accumulation: int = 1):
         self.ds, self.rank, self.world_size, self.device = ds, rank, world_size, device
+        self.accumulation = accumulation
         self.autocast = autocast_dtype(ds, device)
 
     def engine(self, model, opt, sched, constrainer, *, batch_per_rank: int, clip: Optional[float]):
-        return initialize(self.ds, model, opt, sched, constrainer, batch_per_rank, self.world_size, clip)
+        return initialize(self.ds, model, opt, sched, constrainer, batch_per_rank, self.world_size, clip,
+                          self.accumulation)
 
     def after_update(self, constrainer, event: str) -> None:
         if event == "masks":

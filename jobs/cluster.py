@@ -72,7 +72,6 @@ class DeepSpeedConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs, fp32 on CPUs. bf16 is autocast compute over fp32 weights (see
     ``jobs.deepspeed_engine``); fp16 is refused: fp16 weights cannot hold fp32 codebook values."""
-    gradient_accumulation: int = 1
     gradient_clipping: Optional[float] = None
     sparse_reduce: bool = False
     """ZeRO 0 only: all-reduce only the kept weights' gradients (identical masks on every rank)."""
@@ -80,8 +79,6 @@ class DeepSpeedConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             fail("zero_stage", f"must be 0, 1, 2 or 3 (got {self.zero_stage})")
-        if self.gradient_accumulation < 1:
-            fail("gradient_accumulation", f"must be >= 1 (got {self.gradient_accumulation})")
         if self.gradient_clipping is not None and self.gradient_clipping <= 0:
             fail("gradient_clipping", f"must be > 0 (got {self.gradient_clipping})")
         if self.precision == "fp16":
@@ -161,10 +158,16 @@ class ClusterConfig:
     slurm: Optional[SlurmConfig] = None
     storage: str = "runs"
     """root of the run directories (shared storage on a multi-node cluster); a run goes to STORAGE/<pipeline>."""
+    gradient_accumulation: int = 1
+    """micro-batches of ``data.batch_size`` per optimizer step (a step then averages A × batch_size
+    examples); every kind (DeepSpeed is told it). The constrainer's schedule, the LR schedule and
+    step metrics count optimizer steps; an epoch's last ``steps % A`` micro-batches are left out."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             fail("threads", f"must be >= 1 (got {self.threads})")
+        if self.gradient_accumulation < 1:
+            fail("gradient_accumulation", f"must be >= 1 (got {self.gradient_accumulation})")
         if self.kind == "slurm":
             if self.slurm is None:
                 fail("slurm", "kind: slurm needs a slurm section (partition, nodes, gpus_per_node, …)")

@@ -38,9 +38,10 @@ def autocast_dtype(ds: DeepSpeedConfig, device: torch.device):
     return torch.bfloat16 if precision(ds, device) == "bf16" else None
 
 
-def ds_config(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, clip: Optional[float] = None) -> dict:
-    """The DeepSpeed JSON for one stage (``clip``: the stage optimizer's gradient clipping) —
-    never kept by hand."""
+def ds_config(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, clip: Optional[float] = None,
+              accumulation: int = 1) -> dict:
+    """The DeepSpeed JSON for one stage (``clip``: the stage optimizer's gradient clipping;
+    ``accumulation``: the cluster's micro-batches per step) — never kept by hand."""
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage == 3:
         # every parameter partitioned: a "persistent" (unpartitioned) small parameter would keep a
@@ -48,8 +49,8 @@ def ds_config(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, clip: O
         zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
     cfg = {
         "train_micro_batch_size_per_gpu": batch_per_rank,
-        "gradient_accumulation_steps": ds.gradient_accumulation,
-        "train_batch_size": batch_per_rank * ds.gradient_accumulation * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": batch_per_rank * accumulation * world_size,
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -64,12 +65,20 @@ def ds_config(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, clip: O
 
 
 class DeepSpeedStepper:
+    """``backward`` for every micro-batch, ``step`` once per optimizer step (``train_epoch``'s
+    contract). DeepSpeed wants ``engine.step()`` after every micro-batch — between boundaries it
+    only counts — so ``backward`` makes that call itself until the A-th micro-batch."""
+
     def __init__(self, engine, reducer=None):
         self.engine, self.reducer = engine, reducer
+        self.accumulation = engine.gradient_accumulation_steps()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-        if self.reducer is not None:  # sparse-aware reduction replaces DeepSpeed's dense all-reduce
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)  # (DeepSpeed divides the loss by the accumulation steps itself)
+        if not boundary:
+            self.engine.step()
+        elif self.reducer is not None:  # sparse-aware reduction replaces DeepSpeed's dense all-reduce
             self.reducer()
 
     def step(self) -> None:
@@ -206,14 +215,14 @@ def safe_checkpoint_engine(engine) -> None:
 
 
 def initialize(ds: DeepSpeedConfig, model, opt, sched, constrainer, batch_per_rank: int, world_size: int,
-               clip: Optional[float] = None):
+               clip: Optional[float] = None, accumulation: int = 1):
     """Wrap the model, optimizer and LR schedule in a DeepSpeed engine; under ZeRO-3 the
     constrainer is switched to the slices, and with ``sparse_reduce`` gradients are reduced by
     mask. Returns (engine, stepper)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                          config=ds_config(ds, batch_per_rank, world_size, clip))
+                                          config=ds_config(ds, batch_per_rank, world_size, clip, accumulation))
     safe_checkpoint_engine(engine)  # once, before anything can be saved or loaded
     reducer = None
     if constrainer is not None:

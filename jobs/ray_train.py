@@ -178,7 +178,7 @@ def worker_loop(config: dict) -> None:
         device = torch.device(f"cuda:{ctx.get_local_rank()}") if cluster.ray.gpus_per_worker else torch.device("cpu")
         log = console_writer(logs / "console.log", sys.stdout) if rank == 0 else (lambda s: None)
         try:
-            backend = DeepSpeedBackend(cluster.deepspeed, rank, world, device)
+            backend = DeepSpeedBackend(cluster.deepspeed, rank, world, device, cluster.gradient_accumulation)
             metrics, ckpt = config["stage_fn"](backend, config["args"], log)
         except BaseException:
             traceback.print_exc()  # into the rank's log; the driver prints one line naming it

@@ -112,6 +112,11 @@ def cmd_export(args) -> int:
     ckpt = checkpoint.load(args.checkpoint)
     checkpoint.model_state(ckpt, args.checkpoint)
     info = artifact.export(ckpt, args.out)
+    if info["outside_mask"]:
+        n, layers = sum(info["outside_mask"].values()), len(info["outside_mask"])
+        print(f"elastictrain: warning: {args.checkpoint}: {n:,} non-zero weights in {layers} layer(s) lay outside "
+              f"their weight_mask (first: {next(iter(info['outside_mask']))}); exported as weight × mask, the model "
+              "the masks define", file=sys.stderr)
     head = f"{'layer':<24}{'params':>11}{'kept':>10}  {'mask':<22}{'values':<14}{'bytes':>10}"
     print("\n".join([head, "-" * len(head)] + [
         f"{l['name'][:24]:<24}{l['params']:>11}{l['kept']:>10}  {l['mask'][:22]:<22}{l['values'][:14]:<14}"

@@ -131,10 +131,12 @@ def preflight(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path, only: 
             log(f"not checked here (the job will): the model against the data, which this host cannot read ({e})")
             return None, {}, device
         raise ConfigError(str(e)) from None
-    if len(bundle.train) < cfg.data.batch_size:  # (the loader would find it too, once a stage has started)
+    accumulation = cluster.gradient_accumulation
+    if len(bundle.train) < cfg.data.batch_size * accumulation:  # (the loader would find it too, in a stage)
         limit = f" (data.limit_train: {cfg.data.limit_train})" if cfg.data.limit_train else ""
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is more than the {len(bundle.train)} training "
-                          f"examples{limit}, so an epoch would have no step")
+        times = f" × gradient_accumulation: {accumulation}" if accumulation > 1 else ""
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size}{times} is more than the {len(bundle.train)} "
+                          f"training examples{limit}, so an epoch would have no step")
     done = check_finished(cfg, run_dir, bundle.num_classes, bundle.in_channels, log)
     try:
         sharded = cluster.kind == "ray" and cluster.deepspeed.zero_stage == 3
@@ -173,7 +175,8 @@ def run_pipeline(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path,
         snapshot = snapshot_pipeline(source, Path(run_dir) / "pipeline.yaml", [f"tracking.wandb.mode={mode}"] + (
             [f"tracking.wandb.dir={cfg.tracking.wandb.dir}"] if cfg.tracking.wandb.dir else []))
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
-    ctx = Context(cfg, bundle, Path(run_dir), Local(device, autocast), log=log, cluster=to_plain(cluster))
+    backend = Local(device, autocast, cluster.gradient_accumulation)
+    ctx = Context(cfg, bundle, Path(run_dir), backend, log=log, cluster=to_plain(cluster))
     with console.quiet(Path(run_dir) / "logs" / "driver.log") if console is not None else nullcontext():
         return _run_stages(ctx, cluster, done, only, snapshot, console.verbose if console is not None else False)
 

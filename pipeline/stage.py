@@ -190,7 +190,8 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     train_loader, test_loader = make_loaders(b, per_rank, ctx.device, seed=cfg.seed + index, rank=ctx.rank,
                                              world_size=ctx.world_size)
     opt = build_optimizer(model, stage.optimizer)
-    sched = build_scheduler(opt, stage.lr_schedule, len(train_loader), stage.epochs)
+    steps_per_epoch = len(train_loader) // ctx.backend.accumulation  # optimizer steps (see train_epoch)
+    sched = build_scheduler(opt, stage.lr_schedule, steps_per_epoch, stage.epochs)
     constrainer = None
     if plans:
         prev_state = None
@@ -198,14 +199,16 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             buf = checkpoint.buffers(previous)
             prev_state = {"masks": buf["weight_mask"], "libraries": buf["pattern_library"],
                           "codebooks": buf["quantization_table"]}
-        constrainer = Constrainer(params, plans, stage.enforce, len(train_loader) * stage.epochs, prev_state,
-                                  followers=followers_for(plans, coupled))
+        constrainer = Constrainer(params, plans, stage.enforce, steps_per_epoch * stage.epochs, prev_state,
+                                  followers=followers_for(plans, coupled), micro_batches=ctx.backend.accumulation)
     backend = ctx.backend
     forward, stepper = backend.engine(model, opt, sched, constrainer, batch_per_rank=per_rank.batch_size,
                                       clip=stage.optimizer.clip_grad_norm)
     sdir = stage_dir(ctx, stage)
     owner = {"stage": resume.fingerprint(json_safe(to_plain(stage))), "world_size": ctx.world_size,
              "pipeline": resume.fingerprint(json_safe([cfg.seed, to_plain(cfg.model), to_plain(cfg.data)]))}
+    if ctx.backend.accumulation > 1:  # another count of optimizer steps per epoch
+        owner["accumulation"] = ctx.backend.accumulation
     history, start, resumed = [], 0, None
     point = resume.find_point(sdir, owner, ctx.log)
     if point is not None:  # continue after the last completed epoch, exactly as it was
@@ -225,7 +228,6 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     prog = None
     if ctx.rank == 0:
         prog = Progress(cfg.tracking.progress, ctx.log, cfg.tracking.progress_every_s, f"[{stage.name}] ")
-    steps_per_epoch = len(train_loader)
     metrics = StepMetrics(tracker, cfg.tracking.wandb.log_every, steps_per_epoch, ctx.world_size)
     metrics.step = start * steps_per_epoch
     teacher, taught_by = _teacher(ctx, stage) if stage.distill is not None else (None, None)
@@ -294,7 +296,7 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
                "report": json_safe({k: v for k, v in report.items() if k not in ("layers", "history")}),
                **({"couplings": coupled.groups} if coupled is not None else {})},  # for checkpoint.plans
         where=where)  # checked: the stage's own output must satisfy its spec; anything else is a bug
-    steps = constrainer.step if constrainer else len(train_loader) * stage.epochs
+    steps = constrainer.step if constrainer else steps_per_epoch * stage.epochs
     ckpt["local_dict"].update({"finished": True, "step": steps})
     if ctx.rank == 0:  # every rank holds the same weights and state; one writes
         out = stage_dir(ctx, stage)

@@ -20,6 +20,7 @@ from elastictrain.config import to_plain
 from elastictrain.constraints.spec import load as load_spec
 from elastictrain.constraints.spec import parse
 from elastictrain.models import build_model
+from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,3 +284,37 @@ def test_research_release_masks_of_any_dtype_export_near_the_floor(tmp_path, dty
     assert 1.0 <= ratio <= 1.15, ratio
     dense = 4 * sum(v.numel() for k, v in ck["model_state_dict"].items() if k.endswith(".weight"))
     assert rep["bytes"] < dense / 10
+
+
+def test_weights_outside_their_masks_export_as_the_masked_model(tmp_path, capsys):
+    """Masks that disagree with the weights — the weights saved before their last masking, masks as
+    float 0/1 — export as weight × mask, the model the masks define: within 1.15× of that model's
+    floor, the report (and `export`'s one warning line) counting what lay outside."""
+    torch.manual_seed(0)
+    sd = build_model("vgg16").state_dict()
+    c = compress_state_dict(sd, parse({"rules": [{"match": "*.weight", "prune": {"ratio": 20, "scope": "global"}}]}))
+    ck = checkpoint.compressed_checkpoint(c.state_dict, c.states, None)
+    masks = ck["elastic_trainer_state_dict"]["model_buffers_state_dict"]["weight_mask"]
+    outside = {}
+    for n in masks:
+        w = ck["model_state_dict"][n]
+        w.add_(torch.randn_like(w) * 1e-3 * (torch.rand_like(w) < 0.3))  # non-zeros outside the mask
+        outside[n] = int(((w != 0) & ~masks[n]).sum())
+        masks[n] = masks[n].float()
+    rep = artifact.export(ck, tmp_path / "vgg.etz")
+    assert rep["outside_mask"] == {n: k for n, k in outside.items() if k}
+    back = artifact.load(tmp_path / "vgg.etz")
+    for n, m in masks.items():
+        w = back["model_state_dict"][n]
+        assert not bool(((w != 0) & (m == 0)).any()), n
+        assert torch.equal(w[m.bool()], ck["model_state_dict"][n][m.bool()]), n  # kept values exact
+    ratio = 8 * rep["weights_bytes"] / artifact.floor_bits(ck)["weights_bits"]
+    assert 1.0 <= ratio <= 1.15, ratio
+    dense = 4 * sum(v.numel() for k, v in ck["model_state_dict"].items() if k.endswith(".weight"))
+    assert rep["bytes"] < dense / 10
+    torch.save(ck, tmp_path / "release.pt")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "release.pt"), "--out", str(tmp_path / "cli.etz")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"elastictrain: warning: {tmp_path / 'release.pt'}: "
+                                              f"{sum(outside.values()):,} non-zero weights in "), err

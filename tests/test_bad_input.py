@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline.cli import main
@@ -144,10 +145,13 @@ def _eval_vgg16_without_pad(w: Work) -> list[str]:
     return ["eval", str(vgg), "--data", "fashion-mnist", "--limit-test", "100"]
 
 
-def case(name: str, argv: Callable[[Work], list[str]], message: str, data: bool = False):
+def case(name: str, argv: Callable[[Work], list[str]], message: str, data: bool = False, no_gpu: bool = False):
     """A row: ``argv(work)`` gives the command line; ``message`` (``{tmp}`` is the case's folder) must be
-    in the error."""
-    return pytest.param(argv, message, id=name, marks=needs_data if data else ())
+    in the error. ``no_gpu``: the case is a machine without one (skipped where a GPU is visible)."""
+    marks = [needs_data] if data else []
+    if no_gpu:
+        marks.append(pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here"))
+    return pytest.param(argv, message, id=name, marks=marks)
 
 
 LOOSER = {"rules": [{**r, "prune": {**r["prune"], "ratio": 2}, "quantize": {"bits": 2}} for r in PRUNE["rules"]]}
@@ -211,9 +215,9 @@ CASES = [
     case("cluster-wrong-type", lambda w: w.cmd_run(cluster=w.ray(num_workers="two")),
          "cluster.yaml: ray.num_workers: expected an integer, got 'two'"),
     case("cuda-without-gpu", lambda w: w.cmd_run(cluster=w.cluster(device="cuda")),
-         "device: cuda asked for, but no GPU is visible"),
+         "device: cuda asked for, but no GPU is visible", no_gpu=True),
     case("ray-gpus-without-gpu", lambda w: w.cmd_run(cluster=w.ray(gpus_per_worker=1)),
-         "ray.gpus_per_worker: 1.0 × 2 workers asked for, but 0 GPUs are visible"),
+         "ray.gpus_per_worker: 1.0 × 2 workers asked for, but 0 GPUs are visible", no_gpu=True),
     case("batch-over-workers", lambda w: w.cmd_run(cluster=w.ray(num_workers=3)),
          "data.batch_size: 100 (the global batch) does not divide over ray.num_workers: 3"),
     case("slurm-impossible-time", lambda w: w.submit(time="10:75:00"),
@@ -252,7 +256,7 @@ CASES = [
          "nope.pt: no such checkpoint"),
     case("eval-missing-artifact", lambda w: ["eval", str(w.run / "nope.etz")], "nope.etz: no such artifact"),
     case("eval-cuda-without-gpu", lambda w: ["eval", w.ckpt, "--device", "cuda"],
-         "--device: cuda asked for, but no GPU is visible"),
+         "--device: cuda asked for, but no GPU is visible", no_gpu=True),
     case("eval-model-does-not-fit-data", _eval_vgg16_without_pad,
          "vgg16.pt: model vgg16 on fashion-mnist: input 1×28×28 does not fit the model (at features.", data=True),
     case("eval-wrong-num-classes", _eval_five_class_head,

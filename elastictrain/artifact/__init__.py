@@ -70,11 +70,15 @@ def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32", progress: Op
 
     ``bn_dtype`` is how biases / norm parameters are stored: "fp32" (default: bit-identical, the
     whole model round-trips) or "fp16" (half their bytes; loading casts back, values rounded).
+
+    A weight with non-zero entries outside its 0/1 ``weight_mask`` (a checkpoint from other code,
+    saved before its last masking) is written as the masked model, weight × mask — what the
+    mask says the model is; the report's ``outside_mask`` counts them per layer.
     """
     if bn_dtype not in ("fp32", "fp16"):
         raise ValueError(f"bn_dtype: expected 'fp32' or 'fp16' (got {bn_dtype!r})")
-    sd = checkpoint.model_state(ckpt)
     bufs = checkpoint.buffers(ckpt)
+    sd, outside = lyr.masked_model(checkpoint.model_state(ckpt), bufs.get("weight_mask") or {})
     plans = lyr.spec_plans(ckpt)
     payload = Payload()
     tensors, layers, other = [], [], {"tensors": 0, "params": 0, "bytes": 0}
@@ -114,7 +118,7 @@ def export(ckpt: dict, path: str | Path, *, bn_dtype: str = "fp32", progress: Op
         "params": params, "kept": sum(l["kept"] for l in layers), "other_params": other["params"],
         "honest_compression": 32 * params / (8 * weights_bytes) if weights_bytes else math.inf,
         "model_compression": base_bytes / file_bytes,
-        "bn_dtype": bn_dtype, "layers": layers,
+        "bn_dtype": bn_dtype, "layers": layers, "outside_mask": outside,
         "dropped": [f"local_dict.{k}" for k in dropped_local] + dropped + (["spec"] if dropped_spec else []),
     }
 

@@ -22,7 +22,7 @@ import torch
 
 from elastictrain import checkpoint
 from elastictrain.artifact import entropy as ent
-from elastictrain.artifact.layer import Analysis, analyse, bits_of, spec_plans
+from elastictrain.artifact.layer import Analysis, analyse, bits_of, masked_model, spec_plans
 from elastictrain.constraints.plan import layer_kind
 
 
@@ -42,9 +42,10 @@ def layer_floor(a: Analysis) -> dict:
 
 
 def floor_bits(ckpt: dict) -> dict:
-    """Per-layer and total floor bits of ``ckpt``'s weights (module doc), other tensors apart."""
-    sd = checkpoint.model_state(ckpt)
+    """Per-layer and total floor bits of ``ckpt``'s weights (module doc), other tensors apart —
+    of the model ``export`` writes (weights outside their masks masked)."""
     bufs = checkpoint.buffers(ckpt)
+    sd, _ = masked_model(checkpoint.model_state(ckpt), bufs.get("weight_mask") or {})
     plans = spec_plans(ckpt)
     layers, other_bits, other_params = [], 0, 0
     for name, t in sd.items():

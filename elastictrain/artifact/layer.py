@@ -162,6 +162,20 @@ def binary(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return one
 
 
+def masked_model(sd: dict, masks: dict) -> tuple[dict, dict[str, int]]:
+    """(``sd`` with each weight multiplied by its 0/1 mask where non-zeros lie outside it,
+    {weight: how many there were}); weights that agree with their masks are left as they are."""
+    out, outside = dict(sd), {}
+    for name, m in masks.items():
+        w, keep = sd.get(name), binary(m.detach().cpu()) if isinstance(m, torch.Tensor) else None
+        if keep is None or not isinstance(w, torch.Tensor) or w.shape != keep.shape or not w.is_floating_point():
+            continue
+        n = int(((w.detach().cpu() != 0) & ~keep).sum())
+        if n:
+            out[name], outside[name] = torch.where(keep.to(w.device), w, torch.zeros((), dtype=w.dtype)), n
+    return out, outside
+
+
 def analyse(name: str, w: torch.Tensor, buffers: dict[str, dict], plan: Optional[LayerPlan]) -> Analysis:
     w = w.detach().cpu()
     shape4 = tuple(as4d(w).shape)

@@ -29,6 +29,9 @@ class Backend(Protocol):
     device: torch.device
     autocast: Optional[torch.dtype]
     """the autocast compute dtype (bf16 on GPUs), or None for plain fp32."""
+    accumulation: int
+    """micro-batches whose gradients make one optimizer step (the constrainer, the LR schedule,
+    gradient reduction and step metrics all count optimizer steps)."""
 
     def engine(self, model: nn.Module, opt: torch.optim.Optimizer, sched, constrainer, *,
                batch_per_rank: int, clip: Optional[float]) -> tuple[nn.Module, object]:
@@ -58,11 +61,12 @@ class Local:
 
     rank, world_size = 0, 1
 
-    def __init__(self, device: torch.device = torch.device("cpu"), autocast: Optional[torch.dtype] = None):
-        self.device, self.autocast = device, autocast
+    def __init__(self, device: torch.device = torch.device("cpu"), autocast: Optional[torch.dtype] = None,
+                 accumulation: int = 1):
+        self.device, self.autocast, self.accumulation = device, autocast, accumulation
 
     def engine(self, model, opt, sched, constrainer, *, batch_per_rank: int, clip: Optional[float]):
-        return model, TorchStepper(model, opt, sched, clip)
+        return model, TorchStepper(model, opt, sched, clip, self.accumulation)
 
     def after_update(self, constrainer, event: str) -> None:
         pass  # the constrainer already masked the torch optimizer's state itself

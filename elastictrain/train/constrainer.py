@@ -90,8 +90,11 @@ def channel_mask(masks: list[torch.Tensor]) -> torch.Tensor:
 class Constrainer:
     def __init__(self, params: dict[str, nn.Parameter], plans: dict[str, LayerPlan], cfg: EnforceConfig,
                  total_steps: int, state: Optional[dict] = None,
-                 followers: Optional[dict[str, Sequence[str]]] = None):
-        """``followers``: 1-D parameter name → the planned weights whose filters index it."""
+                 followers: Optional[dict[str, Sequence[str]]] = None, micro_batches: int = 1):
+        """``followers``: 1-D parameter name → the planned weights whose filters index it.
+        ``micro_batches``: backward passes per optimizer step (gradient accumulation); the ADMM
+        penalty's gradient is added to each, so each carries 1/``micro_batches`` of it."""
+        self.micro_batches = micro_batches
         self.params = {n: params[n] for n in plans}
         self.followers = {n: tuple(ws) for n, ws in (followers or {}).items()}
         self.follower_params = {n: params[n] for n in self.followers}
@@ -163,7 +166,7 @@ class Constrainer:
         """Runs as the gradient of ``p`` is produced — before any data-parallel reduction sees it."""
         with torch.no_grad():
             if self.Z:  # ADMM: d/dW of ρ/2‖W − Z + U‖² (W: the latent weights; no QAT during ADMM)
-                g = g + self.rho * (p.detach() - self.Z[n] + self.U[n])
+                g = g + self.rho / self.micro_batches * (p.detach() - self.Z[n] + self.U[n])
             return g * self._float_mask(n, g.dtype)
 
     @torch.no_grad()

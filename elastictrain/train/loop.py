@@ -91,10 +91,13 @@ class TorchStepper:
     """The optimizer step of a plain (single-process or DDP) model; DeepSpeed brings its own.
     A stepper also owns what resuming needs of the training state: ``save(dir)`` writes the
     model's (latent) weights, the optimizer's and the LR schedule's state, ``load(dir)`` reads
-    them back (``weights_only``)."""
+    them back (``weights_only``). With ``accumulation`` A, ``backward`` is called for each of A
+    micro-batches (their mean gradient accumulates) and ``step`` once after the A-th."""
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched, clip: Optional[float] = None):
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched, clip: Optional[float] = None,
+                 accumulation: int = 1):
         self.model, self.opt, self.sched, self.clip = model, opt, sched, clip
+        self.accumulation, self.micro = accumulation, 0
 
     def save(self, directory, rank: int = 0) -> None:
         from elastictrain.checkpoint import atomic_save
@@ -112,8 +115,10 @@ class TorchStepper:
         self.sched.load_state_dict(state["scheduler"])
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.micro % self.accumulation == 0:  # the first micro-batch of a step
+            self.opt.zero_grad(set_to_none=True)
+        self.micro += 1
+        (loss / self.accumulation if self.accumulation > 1 else loss).backward()
 
     def step(self) -> None:
         if self.clip:
@@ -155,13 +160,23 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
 
     ``model`` is what the forward pass calls (a DeepSpeed engine under DeepSpeed); ``stepper``
     owns backward and the optimizer step (``TorchStepper`` or the DeepSpeed one in ``jobs``).
+
+    With ``stepper.accumulation`` A > 1 every A micro-batches make one optimizer step: the
+    constrainer's step (re-mask, scheduled updates), the step hooks and ``steps`` count optimizer
+    steps, and the last ``len(loader) % A`` micro-batches of an epoch are left out (as a loader's
+    ``drop_last`` would), so that every step averages A micro-batches.
     """
     hooks = hooks or Hooks()
     model.train()
     loss_fn = nn.CrossEntropyLoss()
+    A = getattr(stepper, "accumulation", 1)
+    usable = len(loader) - len(loader) % A
     t0, n_seen, loss_sum, correct, steps = time.perf_counter(), 0, 0.0, 0, 0
-    pbar = bar(hooks.progress, len(loader), hooks.desc, "step")
-    for x, y in loader:
+    step_loss, step_images = 0.0, 0
+    pbar = bar(hooks.progress, usable // A, hooks.desc, "step")
+    for i, (x, y) in enumerate(loader):
+        if i >= usable:
+            break
         if constrainer is not None:
             constrainer.before_forward()
         n = y.numel()
@@ -180,18 +195,22 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
         stepper.backward(loss)
         if constrainer is not None:
             constrainer.after_backward()
+        loss_value = float(loss.detach())  # one device sync per micro-batch, shared by every consumer
+        n_seen += y.numel()
+        loss_sum += loss_value * y.numel()
+        correct += int((out.detach().argmax(1) == y).sum())
+        step_loss, step_images = step_loss + loss_value / A, step_images + y.numel()
+        if (i + 1) % A:
+            continue  # gradients accumulate until the A-th micro-batch
         stepper.step()
         if constrainer is not None:
             for event in constrainer.after_step():
                 if hooks.on_update is not None:
                     hooks.on_update(event)
         steps += 1
-        n_seen += y.numel()
-        loss_value = float(loss.detach())  # one device sync per step, shared by every consumer
-        loss_sum += loss_value * y.numel()
-        correct += int((out.detach().argmax(1) == y).sum())
         if hooks.on_step is not None:
-            hooks.on_step({"loss": loss_value, "lr": stepper.lr, "step": steps, "images": y.numel()})
+            hooks.on_step({"loss": step_loss, "lr": stepper.lr, "step": steps, "images": step_images})
+        step_loss, step_images = 0.0, 0
         pbar.update(1, loss=loss_sum / n_seen, acc=correct / n_seen,
                     **{"img/s": round(n_seen / max(time.perf_counter() - t0, 1e-9))})
         if not hooks.finite(loss_sum):
