@@ -21,7 +21,7 @@ import yaml
 from elastictrain.config import ConfigError
 from elastictrain.files import write_json
 from jobs import ray_jobs
-from jobs.cluster import ClusterConfig, load_cluster
+from jobs.cluster import ClusterConfig, check_answers, load_cluster
 
 from .config import read_pipeline, snapshot_pipeline
 from .runner import preflight
@@ -79,6 +79,9 @@ def submit(pipeline_path: str | Path, cluster_path: str | Path, out: Optional[st
                           f"{cluster.slurm.nodes * cluster.slurm.ranks_per_node} ranks of cluster {cluster.name!r}")
     run_dir = (Path(out) if out else Path(cluster.storage) / cfg.name).resolve()
     preflight(cfg, cluster, run_dir, log=log, submitting=True)  # what `run` checks first, before anything is queued
+    if cluster.kind == "ray" and not dry_run:  # a Jobs API that does not answer: one line, nothing written
+        check_answers(cluster.ray.job_server, f"cluster {cluster.name!r}: ray.job_server",
+                      cluster.ray.connect_timeout_s)
     pending = [s.name for s in cfg.stages if not _finished(run_dir, s.name)]
     if not pending:
         log(f"{run_dir}: every stage has finished; nothing to submit")

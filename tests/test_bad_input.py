@@ -224,6 +224,17 @@ CASES = [
          "cluster.yaml: slurm.time: minutes and seconds must be 00..59 (got '10:75:00')"),
     case("slurm-zero-time", lambda w: w.submit(time="0:00"),
          "cluster.yaml: slurm.time: must be longer than 0 (got '0:00')"),
+    case("submit-model-does-not-fit-data", lambda w: ["submit", w.pipeline(lambda c: c["model"].update(name="vgg16")),
+                                                      "--cluster", w.slurm(), "--out", str(w.tmp / "fresh")],
+         "pipeline 'tiny': model vgg16: input 1×28×28 does not fit the model (at features.", data=True),
+    case("ray-head-not-answering", lambda w: w.cmd_run(cluster=w.cluster(
+        kind="ray", ray={"address": "127.0.0.1:1", "connect_timeout_s": 2, "storage_path": str(w.tmp / "ray")})),
+         "ray.address: nothing answers at 127.0.0.1:1 within ray.connect_timeout_s (2 s): connection refused",
+         data=True),
+    case("jobs-api-not-answering", lambda w: ["submit", w.pipeline(), "--cluster", w.cluster(
+        kind="ray", ray={"address": "127.0.0.1:1", "job_server": "http://127.0.0.1:1", "connect_timeout_s": 2}),
+        "--out", str(w.run)],
+         "ray.job_server: nothing answers at http://127.0.0.1:1 within ray.connect_timeout_s (2 s)", data=True),
     case("slurm-zero-nodes", lambda w: w.submit(nodes=0), "cluster.yaml: slurm.nodes: must be >= 1 (got 0)"),
     case("missing-cluster", lambda w: ["run", w.pipeline(), "--cluster", str(w.tmp / "nope.yaml"), "--out", str(w.run)],
          "nope.yaml: no such file"),
