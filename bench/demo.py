@@ -14,7 +14,10 @@ DeepSpeed engine — what ``make demo`` runs; ``configs/clusters/single.yaml``: 
 in a fresh run directory (removed first, so no stage is skipped), times it (Ray start-up
 included) and reads every stage's ``report.json``: epochs, seconds, seconds per training epoch
 (median of the stage's per-epoch history), top-1; and of the final stage the pruning ratio, bits,
-nominal ratio, stored-bits ratio and honest ratio of the packed ``model.etz``. Prints a table and
+nominal ratio, stored-bits ratio and honest ratio of the packed ``model.etz``. It also keeps what
+the command printed and counts it: lines per stage, epoch lines printed more than once, and lines
+of other libraries or of Ray (warnings, worker prefixes, tracebacks) on the console, beside the
+files under ``RUN_DIR/logs/`` where those went instead. Prints a table and
 writes bench/results/demo.json and demo.md (demo-<cluster>.json/.md when ``--clusters`` names only
 some, so a partial run never replaces the full one); ``--quick`` (1 epoch a stage on 3,000 training
 and 1,000 test images) writes the same name with ``-quick`` appended, JSON only, never the full
@@ -62,8 +65,9 @@ def run_cluster(cluster: str, run_dir: Path, quick: bool) -> dict:
         cmd += ["--set", s]
     print(f"$ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
+    print(proc.stdout, end="", flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench/demo.py: the {cluster} run exited {proc.returncode}; nothing written")
     stages = []
@@ -85,7 +89,25 @@ def run_cluster(cluster: str, run_dir: Path, quick: bool) -> dict:
             "dense_top1": first["top1"], "final_top1": last["top1"], "final_stage": last["stage"],
             "pruning_ratio": last["pruning_ratio"], "bits": last["bits"],
             "nominal_compression": last["nominal_compression"], "storage_compression": last["storage_compression"],
-            "honest_compression": last["honest_compression"], "stages": stages}
+            "honest_compression": last["honest_compression"], "stages": stages,
+            "console": console(proc.stdout, [s["stage"] for s in stages], run_dir)}
+
+
+# what only other libraries and Ray print (our own lines never contain these)
+THIRD_PARTY = ("Warning", "WARNING", "RayTrainWorker", "TrainController", "Traceback", "deepspeed", " INFO ",
+               "core_worker", "PreemptionWatcher")
+
+
+def console(text: str, stages: list[str], run_dir: Path) -> dict:
+    """What the run printed, counted: lines per stage, duplicated stage lines, third-party lines."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    per_stage = {s: [line for line in lines if line.startswith(f"[{s}]")] for s in stages}
+    dup = sorted({line for s in per_stage.values() for line in s if s.count(line) > 1})
+    logs = run_dir / "logs"
+    files = sorted(logs.rglob("*")) if logs.is_dir() else []
+    return {"lines": len(lines), "lines_per_stage": {s: len(v) for s, v in per_stage.items()},
+            "duplicated_lines": dup, "third_party_lines": [x for x in lines if any(m in x for m in THIRD_PARTY)],
+            "log_files": {str(p.relative_to(run_dir)): p.stat().st_size for p in files if p.is_file()}, "text": text}
 
 
 def _stage_names(run_dir: Path) -> list[str]:
@@ -113,6 +135,13 @@ def markdown(results: list[dict], machine: dict, quick: bool) -> str:
                      f"| {per_epoch} | {r['dense_top1']:.2%} | {r['final_top1']:.2%} | {r['pruning_ratio']:.1f}× "
                      f"| {bits} | {ratio(r['nominal_compression'])} | {ratio(r['storage_compression'])} "
                      f"| {ratio(r['honest_compression'])} |")
+    lines += ["", "| target | console lines (per stage) | epoch lines printed twice | third-party lines | "
+              "RUN_DIR/logs files (bytes) |", "|---|---|---:|---:|---:|"]
+    for r in results:
+        c = r["console"]
+        lines.append(f"| `{r['make_target']}` | {c['lines']} ({' / '.join(map(str, c['lines_per_stage'].values()))}) "
+                     f"| {len(c['duplicated_lines'])} | {len(c['third_party_lines'])} "
+                     f"| {len(c['log_files'])} ({sum(c['log_files'].values()):,}) |")
     lines += ["", "- wall: the whole `elastictrain run` command (Ray start-up included); s / training epoch: the "
               "median epoch of each stage's history (training only; evaluation and export come on top).",
               "- pruning: parameters / non-zeros of the conv and linear weights; nominal: 32·params / Σ "

@@ -208,6 +208,9 @@ CASES = [
          "pipeline 'tiny': model.name: unknown model 'vgg17' (expected one of", data=True),
     case("model-does-not-fit-data", lambda w: w.fresh_run(lambda c: c["model"].update(name="vgg16")),
          "pipeline 'tiny': model vgg16: input 1×28×28 does not fit the model (at features.", data=True),
+    case("model-does-not-fit-data-on-ray", lambda w: ["run", w.pipeline(lambda c: c["model"].update(name="vgg16")),
+                                                      "--cluster", w.ray(), "--out", str(w.tmp / "fresh")],
+         "pipeline 'tiny': model vgg16: input 1×28×28 does not fit the model (at features.", data=True),
     case("other-model-over-run", lambda w: w.cmd_run(lambda c: c["model"].update(name="lenet5")),
          "dense_pretrain/checkpoint.pt: finished with model 'smallcnn' (this pipeline: 'lenet5')", data=True),
     # cluster files
