@@ -1,0 +1,104 @@
+"""Benchmark: one process against Ray Train workers on the same cores — where a distributed epoch goes.
+
+Run from the repository root:
+
+    .venv/bin/python bench/scaling.py [--quick]
+
+Runs the quickstart's dense stage (SmallCNN on Fashion-MNIST, global batch 128, 2 epochs; the
+second epoch is the one compared, the first pays for warm-up) through ``elastictrain run`` on
+each row's cluster, in a fresh run directory:
+
+- ``single``: one process, all cores as torch threads (what ``make demo-single`` runs);
+- ``1 worker``: one Ray Train worker with all cores (what Ray and DeepSpeed cost without a peer);
+- ``2 workers ZeRO-2``: two workers, one core each (what ``make demo`` runs);
+- ``2 workers ZeRO-0``: the same without ZeRO's partitioned gradients (plain all-reduce).
+
+For each: the epoch's seconds and images/s from the stage's report, and the ratio to ``single``
+(the issue's target: the two-worker epoch ≤ 1.25 × single). Writes bench/results/scaling.{json,md}
+(``--quick``: 3,000 training images, scaling-quick.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PIPELINE = "configs/experiments/quickstart.yaml"
+
+
+def rows(cores: int) -> dict[str, dict]:
+    ray = {"kind": "ray", "device": "cpu", "ray": {"address": "local", "storage_path": "runs/bench-scaling/ray"}}
+    return {
+        "single": {"kind": "single", "device": "cpu", "threads": cores},
+        "1 worker": {**ray, "threads": cores, "ray": {**ray["ray"], "num_workers": 1, "cpus_per_worker": cores},
+                     "deepspeed": {"zero_stage": 2}},
+        "2 workers ZeRO-2": {**ray, "threads": max(1, cores // 2),
+                             "ray": {**ray["ray"], "num_workers": 2, "cpus_per_worker": max(1, cores // 2)},
+                             "deepspeed": {"zero_stage": 2}},
+        "2 workers ZeRO-0": {**ray, "threads": max(1, cores // 2),
+                             "ray": {**ray["ray"], "num_workers": 2, "cpus_per_worker": max(1, cores // 2)},
+                             "deepspeed": {"zero_stage": 0}},
+    }
+
+
+def run_row(label: str, cluster: dict, root: Path, quick: bool) -> dict:
+    slug = label.replace(" ", "-").lower()
+    run_dir = root / slug
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfile = root / f"{slug}.yaml"
+    cfile.write_text(yaml.safe_dump({"name": slug, **cluster}))
+    sets = ["stages.dense_pretrain.epochs=2"] + (["data.limit_train=3000", "data.limit_test=500"] if quick else [])
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", PIPELINE, "--cluster", str(cfile), "--out", str(run_dir),
+           "--stages", "dense_pretrain"] + [a for s in sets for a in ("--set", s)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"bench/scaling.py: {label}: exit {p.returncode}: {p.stderr.strip()[-500:]}")
+    rep = json.loads((run_dir / "dense_pretrain" / "report.json").read_text())
+    last = rep["history"][-1]
+    print(f"{label}: epoch {last['seconds']:.1f} s, {last['images_per_s']:.0f} img/s (wall {wall:.0f} s)", flush=True)
+    return {"row": label, "cluster": cluster, "world_size": rep["world_size"], "epoch_seconds": last["seconds"],
+            "first_epoch_seconds": rep["history"][0]["seconds"], "images_per_s": last["images_per_s"],
+            "steps": last["steps"], "top1": rep["top1"], "wall_seconds": wall}
+
+
+def main(argv=None) -> dict:
+    from bench.machine import add_quick, cpu_busy, describe, write_with_table
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_quick(ap, "scaling", "3,000 training images")
+    args = ap.parse_args(argv)
+    machine = describe()
+    cores = machine.get("usable_cores") or 2
+    busy = cpu_busy()
+    root = ROOT / "runs" / "bench-scaling"
+    results = [run_row(label, c, root, args.quick) for label, c in rows(cores).items()]
+    base = results[0]["epoch_seconds"]
+    for r in results:
+        r["vs_single"] = r["epoch_seconds"] / base
+    md = "\n".join(["| row | ranks | epoch (s) | images/s | × single's epoch | first epoch (s) |",
+                    "|---|---:|---:|---:|---:|---:|"] + [
+        f"| {r['row']} | {r['world_size']} | {r['epoch_seconds']:.1f} | {r['images_per_s']:.0f} | "
+        f"{r['vs_single']:.2f}× | {r['first_epoch_seconds']:.1f} |" for r in results])
+    print("\n" + md)
+    result = {"benchmark": "scaling", "quick": args.quick, "machine": machine, "cpu_busy_before": busy,
+              "pipeline": PIPELINE, "stage": "dense_pretrain", "target": "2 workers ≤ 1.25 × single", "rows": results}
+    note = (f"# Scaling on one machine ({machine['cpu_model']}, {cores} cores)\n\nThe quickstart's dense stage, "
+            "second epoch (global batch 128); `bench/scaling.py`. Target: 2 workers ≤ 1.25 × single.")
+    write_with_table(result, args, "scaling", note, md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
