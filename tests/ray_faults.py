@@ -9,26 +9,16 @@ import signal
 import torch
 import torch.distributed as dist
 
-from elastictrain.config import ConfigError
 from elastictrain.distributed import check_identical
-from elastictrain.train import StageFailed
-
-
-def config_error(backend, args, log):
-    log("about to read the resume point")
-    raise ConfigError(f"{args['where']}: this resume point belongs to a different world_size; restore that")
 
 
 def diverged(backend, args, log):
+    log("checking the masks")
     # a real check over the real process group: rank 1's mask differs in one layer
     masks = {"conv1.weight": torch.ones(4, dtype=torch.bool),
              "fc.weight": torch.tensor([True, backend.rank == 0, True])}
     check_identical(masks, what="masks")
     return {}, None
-
-
-def nan(backend, args, log):
-    raise StageFailed("[prune] stopped in epoch 2: the loss became NaN/Inf at step 7; the last good state is kept")
 
 
 def bug_on_one_rank(backend, args, log):
