@@ -81,7 +81,7 @@ def run_stage_on_ray(stage_fn: StageFn, args: dict, cluster: ClusterConfig, name
     """Run ``stage_fn`` on ``ray.num_workers`` Ray Train workers, each a DeepSpeed rank, and wait.
 
     Each rank's output goes to ``logs/rank<R>.log``; rank 0's console lines reach ``log`` here. A
-    worker's error is raised here once, as ``worker_error`` words it, and never retried: a restart
+    worker's error is raised here once, as ``raise_user_error`` words it, and never retried: a restart
     from the same resume point meets it again. Only lost workers (a killed process, a gone node, a
     broken connection between ranks) restart the worker group, which resumes from the stage's last
     resume point on disk — at most ``ray.max_failures`` times."""
