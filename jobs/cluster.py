@@ -22,6 +22,7 @@ from typing import Literal, Optional
 
 from elastictrain.config import ConfigError, build, fail, load_yaml, refuse_secrets
 
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 
 
@@ -46,11 +47,16 @@ class RayConfig:
     connect_timeout_s: float = 30.0
     """how long a running head (``address``) or its Jobs API (``job_server``) may take to answer
     before the command stops with one line naming it."""
+    placement: str = "PACK"
+    """how the workers' placement group spreads over nodes: ``PACK`` (fill a node first),
+    ``SPREAD`` (spread where possible), ``STRICT_SPREAD`` (one worker per node), ``STRICT_PACK``."""
     max_failures: int = 3
     """a lost worker (killed, node gone) restarts the worker group, which resumes the stage from
     its last completed epoch; this many times per stage (0: fail at once)."""
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            fail("placement", f"must be one of {', '.join(PLACEMENTS)} (got {self.placement!r})")
         if self.max_failures < 0:
             fail("max_failures", f"must be >= 0 (got {self.max_failures})")
         if not self.connect_timeout_s > 0:

@@ -98,7 +98,7 @@ def run_stage_on_ray(stage_fn: StageFn, args: dict, cluster: ClusterConfig, name
             worker_loop,
             train_loop_config={"stage_fn": stage_fn, "args": args, "cluster": to_plain(cluster), "logs": str(logs)},
             scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources, placement_strategy=r.placement),
             # a fresh Ray Train run each attempt: the stage resumes from its own resume points, not
             # from a snapshot Ray keeps under a name another run directory may have used before
             run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{attempt}", storage_path=storage,
@@ -172,7 +172,8 @@ def worker_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logs = Path(config["logs"])
     with redirected(logs / f"rank{rank}.log"):
-        print(f"== {stamp()} rank {rank} of {world} started (pid {os.getpid()})", flush=True)
+        node = ray.util.get_node_ip_address()
+        print(f"== {stamp()} rank {rank} of {world} started (pid {os.getpid()}, node {node})", flush=True)
         cluster = build(ClusterConfig, config["cluster"])
         torch.set_num_threads(cluster.threads or 1)
         device = torch.device(f"cuda:{ctx.get_local_rank()}") if cluster.ray.gpus_per_worker else torch.device("cpu")
