@@ -59,7 +59,9 @@ def start_ray(cluster: ClusterConfig, verbose: bool = False) -> None:
     env = worker_env(cluster)
     if local:
         need = cluster.ray.num_workers * cluster.ray.cpus_per_worker + 1  # + the trainer's controller
-        ray.init(num_cpus=int(need + 0.999), num_gpus=int(cluster.ray.num_workers * cluster.ray.gpus_per_worker),
+        # address="local": a new Ray, never one that ``ray start`` left running on this machine
+        ray.init(address="local", num_cpus=int(need + 0.999),
+                 num_gpus=int(cluster.ray.num_workers * cluster.ray.gpus_per_worker),
                  # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
                  # (without it: a warning every few seconds); loopback only, like everything we start
                  include_dashboard=True, dashboard_host=cluster.ray.dashboard_host, _node_ip_address="127.0.0.1",

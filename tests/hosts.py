@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-PREFIX, BRIDGE, NET = "et-h", "et-br", "10.213.7"
+PREFIX = "et-h"  # the default set's host names
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -38,10 +38,15 @@ def available() -> str | None:
 
 
 class Hosts:
-    def __init__(self, n: int):
-        self.names = [f"{PREFIX}{i}" for i in range(n)]
-        self.addrs = [f"{NET}.{10 + i}" for i in range(n)]
-        self.gateway = f"{NET}.1"
+    """``n`` hosts on subnet 10.213.<net>; another ``net`` gives a separate set (names ``et<net>-h…``)
+    that can run beside this one."""
+
+    def __init__(self, n: int, net: int = 7):
+        tag = "et-" if net == 7 else f"et{net}-"
+        self.prefix, self.bridge, self.veth = f"{tag}h", f"{tag}br", f"{tag}v"
+        self.names = [f"{self.prefix}{i}" for i in range(n)]
+        self.addrs = [f"10.213.{net}.{10 + i}" for i in range(n)]
+        self.gateway = f"10.213.{net}.1"
         self.close()  # whatever an earlier, killed harness left
         try:
             self._up()
@@ -50,16 +55,16 @@ class Hosts:
             raise
 
     def _up(self) -> None:
-        _ip("link", "add", BRIDGE, "type", "bridge")
-        _ip("addr", "add", f"{self.gateway}/24", "dev", BRIDGE)
-        _ip("link", "set", BRIDGE, "up")
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
         me = socket.gethostname()
         for i, (name, addr) in enumerate(zip(self.names, self.addrs)):
             _ip("netns", "add", name)
-            outer, inner = f"et-v{i}", f"et-v{i}i"
+            outer, inner = f"{self.veth}{i}", f"{self.veth}{i}i"
             _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
             _ip("link", "set", inner, "netns", name)
-            _ip("link", "set", outer, "master", BRIDGE)
+            _ip("link", "set", outer, "master", self.bridge)
             _ip("link", "set", outer, "up")
             _ip("-n", name, "link", "set", inner, "name", "eth0")
             _ip("-n", name, "addr", "add", f"{addr}/24", "dev", "eth0")
@@ -69,7 +74,7 @@ class Hosts:
             etc.mkdir(parents=True, exist_ok=True)
             others = "".join(f"{a} {h}\n" for h, a in zip(self.names, self.addrs) if h != name)
             (etc / "hosts").write_text(f"127.0.0.1 localhost\n{addr} {me} {name}\n{others}"
-                                       f"{self.gateway} {PREFIX}gw\n")
+                                       f"{self.gateway} {self.prefix}gw\n")
 
     def argv(self, i: int, cmd: list[str]) -> list[str]:
         """``cmd`` as run on host ``i``."""
@@ -84,7 +89,7 @@ class Hosts:
     def limit(self, rate: str | None) -> None:
         """Shape each host's link to ``rate`` in both directions (None: remove the shaping)."""
         for i, name in enumerate(self.names):
-            for where in (["-n", name, "dev", "eth0"], ["dev", f"et-v{i}"]):
+            for where in (["-n", name, "dev", "eth0"], ["dev", f"{self.veth}{i}"]):
                 ns, dev = (where[:2], where[2:]) if where[0] == "-n" else ([], where)
                 subprocess.run(["tc", *ns, "qdisc", "del", *dev, "root"], capture_output=True, timeout=30)
                 if rate is not None:
@@ -101,7 +106,7 @@ class Hosts:
     def close(self) -> None:
         """Kill what runs on the hosts (TERM, then KILL), then remove namespaces, links and files."""
         existing = set(_ip("netns", "list", check=False).stdout.split())
-        mine = [n for n in existing if n.startswith(PREFIX)]
+        mine = [n for n in existing if n.startswith(self.prefix) and n[len(self.prefix):].isdigit()]
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             pids = [int(p) for n in mine for p in _ip("netns", "pids", n, check=False).stdout.split()]
             for p in pids:
@@ -118,9 +123,9 @@ class Hosts:
             shutil.rmtree(Path("/etc/netns") / n, ignore_errors=True)
         for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
             dev = line.split(":")[1].strip().split("@")[0]
-            if dev.startswith("et-v"):  # a veth whose namespace end went first is sometimes left
+            if dev.startswith(self.veth):  # a veth whose namespace end went first is sometimes left
                 _ip("link", "del", dev, check=False)
-        _ip("link", "del", BRIDGE, check=False)
+        _ip("link", "del", self.bridge, check=False)
 
     def __enter__(self) -> "Hosts":
         return self
