@@ -16,7 +16,9 @@ sparsity — masks from one global top-k, identical on both ranks:
     sends and time, against gathering the weights (what a projection on whole weights would need).
 Biases and BatchNorm parameters (21 k, always dense) are reported apart. Two processes on two
 cores: the times measure the collective's software path on loopback, not a network.
-Writes bench/results/comm.json.
+Writes bench/results/comm.json, keeping its ``link_steps`` section: wall-clock VGG16 training
+steps between two hosts on a ``tc``-limited link, ZeRO-2 dense vs sparse-aware reduction, which
+``bench/comm_link.py`` measures and merges in (it needs root for the network namespaces).
 """
 from __future__ import annotations
 
@@ -158,6 +160,11 @@ def main(argv=None) -> dict:
         print(f"{r['ratio']}×, counting biases and BatchNorm (always dense): dense {wb['dense_bytes'] / 1e6:.2f} MB, "
               f"sparse-aware {wb['sparse_bytes'] / 1e3:.1f} kB")
     result = {"machine": m, "model": "vgg16", "world_size": 2, "backend": "gloo", "repeats": args.repeats, "rows": rows}
+    old = Path(out_path(args, "comm"))
+    if old.is_file():  # bench/comm_link.py's section (training steps on a rate-limited link) is kept
+        link = json.loads(old.read_text()).get("link_steps")
+        if link is not None:
+            result["link_steps"] = link
     return finish(result, args, "comm")
 
 

@@ -24,14 +24,16 @@ from jobs.deepspeed_engine import autocast_dtype, gathered_state_dict, initializ
 
 
 class DeepSpeedBackend:
-    def __init__(self, ds: DeepSpeedConfig, rank: int, world_size: int, device: torch.device, accumulation: int = 1):
+    def __init__(self, ds: DeepSpeedConfig, rank: int, world_size: int, device: torch.device, accumulation: int = 1,
+                 nominal_world: Optional[int] = None):
         self.ds, self.rank, self.world_size, self.device = ds, rank, world_size, device
-        self.accumulation = accumulation
+        self.accumulation, self.nominal_world = accumulation, nominal_world or world_size
         self.autocast = autocast_dtype(ds, device)
 
-    def engine(self, model, opt, sched, constrainer, *, batch_per_rank: int, clip: Optional[float]):
+    def engine(self, model, opt, sched, constrainer, *, batch_per_rank: int, clip: Optional[float],
+               accumulation: Optional[int] = None):
         return initialize(self.ds, model, opt, sched, constrainer, batch_per_rank, self.world_size, clip,
-                          self.accumulation)
+                          accumulation or self.accumulation)
 
     def after_update(self, constrainer, event: str) -> None:
         if event == "masks":

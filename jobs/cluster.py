@@ -47,6 +47,14 @@ class RayConfig:
     connect_timeout_s: float = 30.0
     """how long a running head (``address``) or its Jobs API (``job_server``) may take to answer
     before the command stops with one line naming it."""
+    min_workers: Optional[int] = None
+    """elastic: a stage that loses workers (a node gone) continues on as few as this many — every
+    optimizer step keeps its examples, the smaller group accumulating more micro-batches — and
+    grows back to ``num_workers`` when capacity returns (checked every ``resize_every_s``).
+    None: the group is fixed at ``num_workers``."""
+    resize_every_s: float = 60.0
+    """elastic: how often a running group looks for room to grow (a resize restarts the workers,
+    which resume from the stage's last completed epoch)."""
     placement: str = "PACK"
     """how the workers' placement group spreads over nodes: ``PACK`` (fill a node first),
     ``SPREAD`` (spread where possible), ``STRICT_SPREAD`` (one worker per node), ``STRICT_PACK``."""
@@ -55,6 +63,10 @@ class RayConfig:
     its last completed epoch; this many times per stage (0: fail at once)."""
 
     def __post_init__(self) -> None:
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            fail("min_workers", f"must be in 1..num_workers ({self.num_workers}) (got {self.min_workers})")
+        if self.resize_every_s <= 0:
+            fail("resize_every_s", f"must be > 0 (got {self.resize_every_s})")
         if self.placement not in PLACEMENTS:
             fail("placement", f"must be one of {', '.join(PLACEMENTS)} (got {self.placement!r})")
         if self.max_failures < 0:

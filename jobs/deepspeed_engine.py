@@ -16,6 +16,7 @@ the slices, which the next forward gathers.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -69,8 +70,8 @@ class DeepSpeedStepper:
     contract). DeepSpeed wants ``engine.step()`` after every micro-batch — between boundaries it
     only counts — so ``backward`` makes that call itself until the A-th micro-batch."""
 
-    def __init__(self, engine, reducer=None):
-        self.engine, self.reducer = engine, reducer
+    def __init__(self, engine, zero: int, params: list, groups: list[list[int]], reducer=None):
+        self.engine, self.zero, self.params, self.groups, self.reducer = engine, zero, params, groups, reducer
         self.accumulation = engine.gradient_accumulation_steps()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -85,14 +86,22 @@ class DeepSpeedStepper:
         self.engine.step()
 
     def save(self, directory, rank: int = 0) -> None:
-        """DeepSpeed's own checkpoint (a collective: every rank writes its ZeRO partition)."""
-        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+        """The whole state, as one process would save it (``jobs.portable_state``; a collective)."""
+        from elastictrain.checkpoint import atomic_save
+        from jobs.portable_state import save_state
+
+        module = self.engine.module
+        model = gathered_state_dict(module) if self.zero == 3 else {
+            k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        state = save_state(self.engine, self.zero, self.params, self.groups, model, self.engine.lr_scheduler)
+        if rank == 0:
+            atomic_save(state, Path(directory) / "engine.pt")
 
     def load(self, directory) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint 'engine' to resume from")
+        from elastictrain.checkpoint import load
+        from jobs.portable_state import load_state
+
+        load_state(self.engine, self.zero, self.params, load(Path(directory) / "engine.pt"), self.engine.lr_scheduler)
 
     @property
     def lr(self) -> float:
@@ -102,59 +111,33 @@ class DeepSpeedStepper:
 @torch.no_grad()
 def remask_master(constrainer, zero_stage: int) -> None:
     """After a mask update: zero DeepSpeed's master weights and optimizer moments of pruned entries
-    (ZeRO 1–2; under ZeRO 0 the constrainer's own masking suffices).
+    (ZeRO 1–3; under ZeRO 0 the constrainer's own masking suffices).
 
-    Each rank masks its own fragment of the fp32 partition in place (``_hp_mapping`` says which
-    slice of the flattened parameter it holds) — no collective. DeepSpeed's ``safe_get_full_*``
-    would all-reduce per parameter, but skips that on ranks holding no fragment of it, so with
-    small parameters the ranks' collectives fall out of step.
+    Each rank masks its own fragment of the fp32 partition in place (``portable_state.fragments``
+    says which elements of the flattened parameter it holds) — no collective. DeepSpeed's
+    ``safe_get_full_*`` would all-reduce per parameter, but skips that on ranks holding no fragment
+    of it, so with small parameters the ranks' collectives fall out of step.
     """
+    from jobs.portable_state import base_optimizer, fragments, moment_keys
+
     if zero_stage == 0:
         return
-    if zero_stage == 3:
-        return _remask_zero3(constrainer)
-    for _, p, mask in constrainer.masked():  # the weights, and followers (coupled filter pruning)
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is None:
-            continue  # this rank holds no part of p's master copy
-        addr = mapping.lp_fragment_address
-        keep = mask.reshape(-1).narrow(0, addr.start, addr.numel)
-        frag = mapping.get_hp_fragment()
-        frag.mul_(keep.to(frag.dtype))
-        for state in _optim_fragments(mapping, constrainer.optimizer):
-            state.mul_(keep.to(state.dtype))
-
-
-def _optim_fragments(mapping, optimizer) -> list[torch.Tensor]:
-    """This rank's fragments of one parameter's optimizer states (ZeRO 1–2). DeepSpeed links them
-    (``optim_fragment``) once, after the first param group's first step — before the second group
-    (biases and norms: no weight decay) has any state — so for that group they are found here, in
-    the state of the flat fp32 partition that holds the parameter's master fragment."""
-    addr = mapping.hp_fragment_address
-    linked = [s for s in (mapping.optim_fragment or {}).values()
-              if isinstance(s, torch.Tensor) and s.numel() == addr.numel]
-    if linked or optimizer is None:
-        return linked
-    ptr = mapping.hp_fragment.untyped_storage().data_ptr()
-    for flat, state in optimizer.state.items():
-        if isinstance(flat, torch.Tensor) and flat.untyped_storage().data_ptr() == ptr:
-            return [s.narrow(0, addr.start, addr.numel) for s in state.values()
-                    if isinstance(s, torch.Tensor) and s.shape == flat.shape]
-    return []
-
-
-def _remask_zero3(constrainer) -> None:
-    """ZeRO-3: the rank's slice of the fp32 master partition and of every optimizer state."""
-    for n, p in constrainer.params.items():
-        z3 = p._z3_optimizer
-        group, offset, _ = z3.grad_position[z3.get_param_id(p)]
-        values, start = constrainer.layout.local(n)
-        keep = constrainer.masks[n].reshape(-1).narrow(0, start, values.numel())
-        flat = z3.fp32_partitioned_groups_flat[group]
-        flat.data.narrow(0, offset, keep.numel()).mul_(keep.to(flat.dtype))
-        for state in z3.optimizer.state.get(flat, {}).values():
-            if isinstance(state, torch.Tensor) and state.numel() == flat.numel():
-                state.narrow(0, offset, keep.numel()).mul_(keep.to(state.dtype))
+    if zero_stage == 3:  # the weights' slices (followers are not sharded separately)
+        pairs = [(p, constrainer.masks[n]) for n, p in constrainer.params.items()]
+        opt = next(iter(constrainer.params.values()))._z3_optimizer.optimizer
+    else:  # the weights, and followers (coupled filter pruning)
+        pairs = [(p, mask) for _, p, mask in constrainer.masked()]
+        opt = base_optimizer(constrainer.optimizer)
+    keys = moment_keys(opt)
+    for (_, mask), f in zip(pairs, fragments(opt, zero_stage, [p for p, _ in pairs])):
+        if f is None:
+            continue  # this rank holds no part of this parameter's master copy
+        keep = mask.reshape(-1).narrow(0, f.start, f.numel)
+        f.master.mul_(keep.to(f.master.dtype))
+        for key in keys:
+            moment = f.moment(opt, key, create=False)
+            if moment is not None:
+                moment.mul_(keep.to(moment.dtype))
 
 
 def zero3_layout(engine, constrainer):
@@ -193,27 +176,6 @@ def gathered_state_dict(model) -> dict:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def safe_checkpoint_engine(engine) -> None:
-    """DeepSpeed reads its checkpoints with ``torch.load(weights_only=False)`` — unpickling that
-    can run code from a tampered file on shared storage. Swap in an engine that loads with
-    ``weights_only=True``; the classes its files need beyond plain containers — the loss scaler,
-    the ZeRO stage enum and a fragment's (start, numel) address, records of numbers — are
-    allow-listed by name (``torch.serialization.get_unsafe_globals_in_checkpoint`` lists them)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-    class WeightsOnly(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    engine.checkpoint_engine = WeightsOnly(engine._config)
-
-
 def initialize(ds: DeepSpeedConfig, model, opt, sched, constrainer, batch_per_rank: int, world_size: int,
                clip: Optional[float] = None, accumulation: int = 1):
     """Wrap the model, optimizer and LR schedule in a DeepSpeed engine; under ZeRO-3 the
@@ -221,16 +183,18 @@ def initialize(ds: DeepSpeedConfig, model, opt, sched, constrainer, batch_per_ra
     mask. Returns (engine, stepper)."""
     import deepspeed
 
+    params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's order (its state's keys)
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    groups = [list(range(sum(sizes[:i]), sum(sizes[:i + 1]))) for i in range(len(sizes))]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                           config=ds_config(ds, batch_per_rank, world_size, clip, accumulation))
-    safe_checkpoint_engine(engine)  # once, before anything can be saved or loaded
     reducer = None
     if constrainer is not None:
         if ds.zero_stage == 3:
             constrainer.use_layout(zero3_layout(engine, constrainer))
         if ds.sparse_reduce:
             reducer = sparse_reducer(engine, constrainer)
-    return engine, DeepSpeedStepper(engine, reducer)
+    return engine, DeepSpeedStepper(engine, ds.zero_stage, params, groups, reducer)
 
 
 def sparse_reducer(engine, constrainer):

@@ -99,8 +99,10 @@ def run_stage_on_ray(stage_fn: StageFn, args: dict, cluster: ClusterConfig, name
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"stage_fn": stage_fn, "args": args, "cluster": to_plain(cluster), "logs": str(logs)},
-            scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
-                                         resources_per_worker=resources, placement_strategy=r.placement),
+            scaling_config=ScalingConfig(
+                num_workers=r.num_workers if r.min_workers is None else (r.min_workers, r.num_workers),
+                elastic_resize_monitor_interval_s=r.resize_every_s, use_gpu=r.gpus_per_worker > 0,
+                resources_per_worker=resources, placement_strategy=r.placement),
             # a fresh Ray Train run each attempt: the stage resumes from its own resume points, not
             # from a snapshot Ray keeps under a name another run directory may have used before
             run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{attempt}", storage_path=storage,
@@ -181,7 +183,8 @@ def worker_loop(config: dict) -> None:
         device = torch.device(f"cuda:{ctx.get_local_rank()}") if cluster.ray.gpus_per_worker else torch.device("cpu")
         log = console_writer(logs / "console.log", sys.stdout) if rank == 0 else (lambda s: None)
         try:
-            backend = DeepSpeedBackend(cluster.deepspeed, rank, world, device, cluster.gradient_accumulation)
+            backend = DeepSpeedBackend(cluster.deepspeed, rank, world, device, cluster.gradient_accumulation,
+                                       nominal_world=cluster.ray.num_workers)
             metrics, ckpt = config["stage_fn"](backend, config["args"], log)
         except BaseException:
             traceback.print_exc()  # into the rank's log; the driver prints one line naming it

@@ -33,11 +33,18 @@ def inner_cluster(cluster: ClusterConfig, run_dir: Path) -> dict:
         base["threads"] = max(1, s.cpus_per_node // s.ranks_per_node)
     if ranks == 1:
         return {**base, "kind": "single"}
-    return {**base, "kind": "ray", "deepspeed": to_plain(cluster.deepspeed), "ray": {
-        "address": "local" if s.nodes == 1 else "auto", "num_workers": ranks,
-        "cpus_per_worker": (max(1, (s.cpus_per_node - 1) // s.ranks_per_node) if s.nodes == 1
-                            else max(1, s.cpus_per_node // s.ranks_per_node)),
-        "gpus_per_worker": s.gpus_per_node / s.ranks_per_node, "storage_path": str(run_dir / "ray")}}
+    ray = {"address": "local" if s.nodes == 1 else "auto", "num_workers": ranks,
+           "cpus_per_worker": (max(1, (s.cpus_per_node - 1) // s.ranks_per_node) if s.nodes == 1
+                               else max(1, s.cpus_per_node // s.ranks_per_node)),
+           "gpus_per_worker": s.gpus_per_node / s.ranks_per_node, "storage_path": str(run_dir / "ray")}
+    if s.nodes > 1:
+        # ``auto``: the head slurm/ray-cluster.sh started in this job (it exports RAY_ADDRESS, which
+        # Ray reads first; the head's address differs from job to job, so it cannot be written here).
+        # workers_per_node ranks on each node: the default PACK would fill the head first wherever
+        # a node has room for more (cpus_per_worker rounds down; Ray Train's controller takes no CPU);
+        # one rank per node is exactly STRICT_SPREAD, several are spread evenly by SPREAD.
+        ray["placement"] = "STRICT_SPREAD" if s.ranks_per_node == 1 else "SPREAD"
+    return {**base, "kind": "ray", "deepspeed": to_plain(cluster.deepspeed), "ray": ray}
 
 
 def render(cluster: ClusterConfig, pipeline: Path, run_dir: Path, stage: str, pipeline_name: str,

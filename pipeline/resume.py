@@ -3,13 +3,19 @@ lost) continues from the end of its last completed epoch instead of starting ove
 
 After every epoch a stage writes ``RUN_DIR/<stage>/resume/epoch-<k>/``:
 
-- ``engine.pt`` or DeepSpeed's per-rank files: latent weights, optimizer and LR-schedule state
-  (the stepper writes them — under ZeRO every rank writes its own partition);
+- ``engine.pt``: latent weights, optimizer and LR-schedule state, as one PyTorch process saves
+  them, whoever wrote them — one process, or W DeepSpeed ranks under any ZeRO stage, whose
+  partitions are assembled first (``jobs.portable_state``);
 - ``state.pt`` (rank 0): the constrainer's state (masks, base masks, codebooks, pattern
-  libraries, ADMM's Z, U, ρ, step, statistics), the epoch history, the RNG state, and the
-  fingerprint of masks + codebooks;
+  libraries, ADMM's Z, U, ρ, step, statistics), the epoch history, the RNG state, the world size
+  that wrote it, and the fingerprint of masks + codebooks;
 - ``MANIFEST.json`` last, atomically: every file's SHA-256 and what the point belongs to (stage
-  config, world size). A point is *committed* when its manifest exists and every hash matches.
+  config, data and seed, the examples per optimizer step). A point is *committed* when its
+  manifest exists and every hash matches.
+
+Nothing in a point depends on the world size: a stage continues on more or fewer ranks (an
+elastic Ray group that lost a node), or on one process, with every optimizer step taking the same
+examples (``elastictrain.train.step_split``).
 
 Resuming takes the newest committed point; a point whose files are truncated or corrupted is named
 in the log and the one before it is used. Two points are kept. The data order needs no state: the
@@ -30,7 +36,7 @@ from elastictrain import checkpoint
 from elastictrain.config import ConfigError
 from elastictrain.files import atomic_write
 
-FORMAT = "elastictrain.resume/1"
+FORMAT = "elastictrain.resume/2"  # /1 kept DeepSpeed's per-rank files: tied to one world size
 KEEP = 2
 
 

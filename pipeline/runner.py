@@ -121,6 +121,13 @@ def preflight(cfg: PipelineConfig, cluster: ClusterConfig, run_dir: Path, only: 
     if cluster.kind == "ray" and cfg.data.batch_size % cluster.ray.num_workers:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not divide over "
                           f"ray.num_workers: {cluster.ray.num_workers} of cluster {cluster.name!r}")
+    if cluster.kind == "ray" and cluster.ray.min_workers is not None:  # every size an elastic group may take
+        step = cfg.data.batch_size * cluster.gradient_accumulation
+        odd = [w for w in range(cluster.ray.min_workers, cluster.ray.num_workers + 1) if step % w]
+        if odd:
+            raise ConfigError(f"ray.min_workers: {cluster.ray.min_workers} of cluster {cluster.name!r}: "
+                              f"{' and '.join(map(str, odd))} workers cannot share an optimizer step of {step} "
+                              f"examples (data.batch_size × gradient_accumulation) equally")
     if cluster.kind == "ray" and cluster.ray.address != "local" and not submitting:  # say so now
         check_answers(cluster.ray.address, f"cluster {cluster.name!r}: ray.address", cluster.ray.connect_timeout_s)
     device = _device(cluster)
@@ -197,7 +204,9 @@ def _run_stages(ctx: Context, cluster: ClusterConfig, done: dict, only: Optional
         if cluster.kind == "ray":
             from jobs.ray_train import run_stage_on_ray
 
-            log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {cluster.ray.num_workers} Ray Train workers "
+            r = cluster.ray
+            workers = f"{r.num_workers}" if r.min_workers is None else f"{r.min_workers}–{r.num_workers} (elastic)"
+            log(f"[{stage.name}] {stage.kind}: {stage.epochs} epochs on {workers} Ray Train workers "
                 f"(DeepSpeed ZeRO-{cluster.deepspeed.zero_stage})")
             args = {"pipeline": str(Path(snapshot).resolve()), "run_dir": str(Path(run_dir).resolve()),
                     "index": i, "cluster": to_plain(cluster)}

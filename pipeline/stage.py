@@ -19,6 +19,7 @@ from elastictrain.config import ConfigError, to_plain
 from elastictrain.constraints.plan import LayerPlan, resolve
 from elastictrain.constraints.projection import LayerState
 from elastictrain.data import DataBundle, make_loaders
+from elastictrain.data.shard import mix_seed
 from elastictrain.deploy import Coupling, coupling
 from elastictrain.files import json_safe, write_json
 from elastictrain.measure.accounting import report as accounting_report
@@ -33,6 +34,7 @@ from elastictrain.train import (
     build_optimizer,
     build_scheduler,
     evaluate,
+    step_split,
     train_epoch,
 )
 from elastictrain.train.attacks import attack, robust_accuracy
@@ -185,12 +187,17 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
     coupled = coupling_for(stage, model, b.in_channels, b.image_size, where)
     plans = plans_for(stage, {n: tuple(p.shape) for n, p in params.items()}, where,
                       coupled.groups if coupled is not None else None)
-    per_rank = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // ctx.world_size,
+    backend = ctx.backend
+    # an optimizer step takes the same examples on any world size (an elastic group that lost
+    # workers accumulates more micro-batches), so a resume point continues on any world size
+    micro, accumulation = step_split(cfg.data.batch_size, backend.accumulation, backend.nominal_world,
+                                     ctx.world_size)
+    per_rank = dataclasses.replace(cfg.data, batch_size=micro,
                                    eval_batch_size=max(1, cfg.data.eval_batch_size // ctx.world_size))
     train_loader, test_loader = make_loaders(b, per_rank, ctx.device, seed=cfg.seed + index, rank=ctx.rank,
-                                             world_size=ctx.world_size)
+                                             world_size=ctx.world_size, micro_batches=accumulation)
     opt = build_optimizer(model, stage.optimizer)
-    steps_per_epoch = len(train_loader) // ctx.backend.accumulation  # optimizer steps (see train_epoch)
+    steps_per_epoch = len(train_loader) // accumulation  # optimizer steps (see train_epoch)
     sched = build_scheduler(opt, stage.lr_schedule, steps_per_epoch, stage.epochs)
     constrainer = None
     if plans:
@@ -200,15 +207,13 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             prev_state = {"masks": buf["weight_mask"], "libraries": buf["pattern_library"],
                           "codebooks": buf["quantization_table"]}
         constrainer = Constrainer(params, plans, stage.enforce, steps_per_epoch * stage.epochs, prev_state,
-                                  followers=followers_for(plans, coupled), micro_batches=ctx.backend.accumulation)
-    backend = ctx.backend
-    forward, stepper = backend.engine(model, opt, sched, constrainer, batch_per_rank=per_rank.batch_size,
-                                      clip=stage.optimizer.clip_grad_norm)
+                                  followers=followers_for(plans, coupled), micro_batches=accumulation)
+    forward, stepper = backend.engine(model, opt, sched, constrainer, batch_per_rank=micro,
+                                      clip=stage.optimizer.clip_grad_norm, accumulation=accumulation)
     sdir = stage_dir(ctx, stage)
-    owner = {"stage": resume.fingerprint(json_safe(to_plain(stage))), "world_size": ctx.world_size,
-             "pipeline": resume.fingerprint(json_safe([cfg.seed, to_plain(cfg.model), to_plain(cfg.data)]))}
-    if ctx.backend.accumulation > 1:  # another count of optimizer steps per epoch
-        owner["accumulation"] = ctx.backend.accumulation
+    owner = {"stage": resume.fingerprint(json_safe(to_plain(stage))),  # (not the world size: see step_split)
+             "pipeline": resume.fingerprint(json_safe([cfg.seed, to_plain(cfg.model), to_plain(cfg.data)])),
+             "step_batch": cfg.data.batch_size * backend.accumulation}
     history, start, resumed = [], 0, None
     point = resume.find_point(sdir, owner, ctx.log)
     if point is not None:  # continue after the last completed epoch, exactly as it was
@@ -220,8 +225,11 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
         resume.set_rng_state(saved["rng"])
         history, start = list(saved["history"]), int(saved["epoch"])
         resumed = {"epoch": start, "point": str(at), "checksum_saved": manifest.get("checksum"),
-                   "checksum_restored": constrainer.checksum() if constrainer is not None else None}
-        ctx.log(f"[{stage.name}] resumed after epoch {start}/{stage.epochs} from {at}")
+                   "checksum_restored": constrainer.checksum() if constrainer is not None else None,
+                   "world_size_saved": saved.get("world_size"), "world_size": ctx.world_size}
+        moved = "" if saved.get("world_size") == ctx.world_size else (
+            f" (saved by {saved.get('world_size')} ranks; now {ctx.world_size} × {accumulation} micro-batches a step)")
+        ctx.log(f"[{stage.name}] resumed after epoch {start}/{stage.epochs} from {at}{moved}")
     if constrainer is not None:
         for event in constrainer.begin(opt):
             backend.after_update(constrainer, event)
@@ -244,7 +252,15 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             metrics.on_constraint(constrainer, event)
 
         hooks.on_update = after_update
+    at_epoch = {"epoch": start}
+
+    def seed_micro_batch(step: int, micro: int) -> None:
+        # its dropout and attack noise from (seed, epoch, step, data shard): the same on any world size
+        torch.manual_seed(mix_seed(cfg.seed + index, at_epoch["epoch"], step, ctx.rank + ctx.world_size * micro))
+
+    hooks.before_micro_batch = seed_micro_batch
     for epoch in range(start, stage.epochs):
+        at_epoch["epoch"] = epoch
         train_loader.set_epoch(epoch)
         hooks.desc = f"epoch {epoch + 1}/{stage.epochs}"
         try:
@@ -255,10 +271,11 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             m.update(evaluate(model, test_loader, ctx.autocast, prog))  # what the model is, not its latent weights
             now = backend.state_dict(model) if plans else None  # (a collective under ZeRO-3: every rank calls it)
         m = backend.reduce_metrics(m)
-        m["epoch"] = epoch + 1
+        m.update(epoch=epoch + 1, world_size=ctx.world_size)
         if constrainer is not None:
             masks = constrainer.masks.values()
             m["density"] = sum(int(x.sum()) for x in masks) / sum(x.numel() for x in masks)
+            m["checksum"] = constrainer.checksum()  # masks + codebooks after this epoch (compare runs by it)
         if now is not None and ctx.rank == 0:
             acc = accounting_report(now, plans)
             m.update(nominal_compression=acc["nominal_compression"], storage_compression=acc["storage_compression"])
@@ -271,7 +288,8 @@ def _run_stage(ctx: Context, index: int, previous: Optional[dict], tracker) -> d
             raise StageFailed(f"[{stage.name}] stopped after epoch {epoch + 1}: the weights hold NaN/Inf; "
                               f"{_last_good(sdir, epoch)}")
         state = {"constrainer": constrainer.state_dict() if constrainer is not None else None, "history": history,
-                 "rng": resume.rng_state(), "checksum": constrainer.checksum() if constrainer is not None else None}
+                 "rng": resume.rng_state(), "checksum": constrainer.checksum() if constrainer is not None else None,
+                 "world_size": ctx.world_size}
         resume.save_point(sdir, epoch + 1, stepper, state, owner, ctx.rank, backend.barrier)
     states = constrainer.finish() if constrainer is not None else {}
     final = evaluate(model, test_loader, ctx.autocast)

@@ -96,12 +96,23 @@ class Hosts:
                     subprocess.run(["tc", *ns, "qdisc", "add", *dev, "root", "tbf", "rate", rate,
                                     "burst", "512kb", "latency", "100ms"], check=True, capture_output=True, timeout=30)
 
-    def pids(self) -> list[int]:
+    def pids(self, i: int | None = None) -> list[int]:
+        """The processes running on host ``i`` (None: on every host)."""
         out = []
-        for name in self.names:
+        for name in self.names if i is None else [self.names[i]]:
             r = _ip("netns", "pids", name, check=False)
             out += [int(p) for p in r.stdout.split()]
         return out
+
+    def crash(self, i: int) -> int:
+        """Host ``i`` fails: SIGKILL to everything running on it (how a node is lost). Returns how many."""
+        pids = self.pids(i)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(pids)
 
     def close(self) -> None:
         """Kill what runs on the hosts (TERM, then KILL), then remove namespaces, links and files."""

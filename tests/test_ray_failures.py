@@ -107,9 +107,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 def test_the_command_line_on_ray_prints_one_line_per_epoch_and_one_line_per_error(tmp_path, capfd):
     """`run` on the embedded cluster: epoch lines once each, no third-party line on the console
-    (it is in RUN_DIR/logs); then a resume point of another world size (left by one process) is
-    one line and exit 2, the run directory otherwise as it was, and a loss that becomes NaN one
-    line and exit 1 — each worker group started once."""
+    (it is in RUN_DIR/logs); then a resume point of another optimizer-step batch (left by one
+    process accumulating 2 micro-batches a step) is one line and exit 2, the run directory
+    otherwise as it was, and a loss that becomes NaN one line and exit 1 — each worker group started once."""
     out = tmp_path / "run"
     dense = [{"name": "dense_pretrain", "epochs": 2, "optimizer": {"lr": 0.05}}]
     assert main(["run", str(_pipeline(tmp_path, dense)), "--cluster", str(_cluster_file(tmp_path)),
@@ -129,9 +129,10 @@ def test_the_command_line_on_ray_prints_one_line_per_epoch_and_one_line_per_erro
     nan = [{"name": "dense_pretrain", "epochs": 2, "optimizer": {"lr": 0.05},
             "lr_schedule": {"name": "step", "milestones": [0.5], "gamma": 1.0e30}}]
     pipe = _pipeline(tmp_path, nan)
-    # one process stops in epoch 2 and keeps the resume point after epoch 1 (world size 1) …
+    # one process, twice the examples per step, stops in epoch 2 and keeps the resume point after epoch 1 …
     single = tmp_path / "single.yaml"
-    single.write_text(yaml.safe_dump({"name": "single", "kind": "single", "device": "cpu", "threads": 1}))
+    single.write_text(yaml.safe_dump({"name": "single", "kind": "single", "device": "cpu", "threads": 1,
+                                      "gradient_accumulation": 2}))
     out2 = tmp_path / "run2"
     assert main(["run", str(pipe), "--cluster", str(single), "--out", str(out2)]) == 1
     assert (out2 / "dense_pretrain" / "resume" / "epoch-1" / "MANIFEST.json").is_file()
@@ -144,7 +145,7 @@ def test_the_command_line_on_ray_prints_one_line_per_epoch_and_one_line_per_erro
     assert time.monotonic() - t0 < 60
     err = e.strip()
     assert "\n" not in err and re.match(r"elastictrain: error: .*/dense_pretrain/resume/epoch-1: this resume point "
-                                        r"belongs to a different world_size; ", err), err
+                                        r"belongs to a different step_batch; ", err), err
     assert "Traceback" not in o + e
     assert {k: v for k, v in _tree(out2).items() if not k.startswith("logs/")} == before
     assert _starts(out2 / "logs" / "dense_pretrain") == {0: 1, 1: 1}

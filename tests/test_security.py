@@ -245,7 +245,7 @@ def test_every_load_in_our_source_is_weights_only_or_restricted():
     # the checker sees the loads that are there (so an empty list above means something)
     found = [p for path in SOURCES
              for p in unsafe_loads(path.read_text().replace("weights_only=True", "weights_only=False"))]
-    assert len(found) >= 2
+    assert len(found) >= 1
 
 
 @pytest.mark.parametrize("snippet", [

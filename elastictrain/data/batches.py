@@ -27,6 +27,9 @@ class Batches:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    micro_batches: int = 1
+    """training: batches per optimizer step on this rank (gradient accumulation); a step's examples
+    are interleaved over world_size × micro_batches shards (``shard``), the same on any world size."""
     drop_last: Optional[bool] = None
     workers: int = 2
     """image folders only: DataLoader worker processes."""

@@ -19,22 +19,26 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from elastictrain.data.batches import Batches
-from elastictrain.data.shard import mix_seed, shard_indices
+from elastictrain.data.shard import mix_seed, shard_indices, step_positions
 
 
 class ShardSampler(Sampler[int]):
     """This rank's examples for the current epoch, by the rule of ``shard.shard_indices``."""
 
-    def __init__(self, n: int, seed: int, rank: int, world_size: int, train: bool) -> None:
+    def __init__(self, n: int, seed: int, rank: int, world_size: int, train: bool, batch: int = 1,
+                 micro_batches: int = 1) -> None:
         self.n, self.seed, self.rank, self.world_size, self.train = n, seed, rank, world_size, train
+        self.steps = {"batch": batch, "micro_batches": micro_batches} if train else {}
         self.epoch = 0
 
     def __iter__(self) -> Iterator[int]:
         return iter(shard_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                                  world_size=self.world_size, train=self.train).tolist())
+                                  world_size=self.world_size, train=self.train, **self.steps).tolist())
 
     def __len__(self) -> int:
-        return self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
+        if self.train:
+            return len(step_positions(self.n, rank=self.rank, world_size=self.world_size, **self.steps))
+        return len(range(self.rank, self.n, self.world_size))
 
 
 class _Transformed(Dataset):
@@ -71,7 +75,7 @@ class FolderLoader:
             raise ValueError(f"rank: {rank} is not in 0..{world_size - 1}")
         self.device = torch.device(device)
         self.seed, self.rank = seed, rank
-        self.sampler = ShardSampler(len(folder), seed, rank, world_size, train)
+        self.sampler = ShardSampler(len(folder), seed, rank, world_size, train, batch_size, b.micro_batches)
         # seeds the workers' augmentation, re-seeded per epoch in __iter__; workers are not
         # persistent so that each epoch's seed reaches them (with workers=0 the crops draw from
         # torch's global generator instead)
@@ -81,8 +85,8 @@ class FolderLoader:
             sampler=self.sampler, num_workers=b.workers, drop_last=train if b.drop_last is None else b.drop_last,
             pin_memory=self.device.type == "cuda", generator=self._gen)
         if train and len(self) == 0:
-            raise ValueError(f"batch_size: {batch_size} is more than the {len(self.sampler)} training examples"
-                             f" of rank {rank}, so an epoch would have no step")
+            raise ValueError(f"batch_size: {batch_size} is more than the {len(folder) // world_size} training "
+                             f"examples of rank {rank}, so an epoch would have no step")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation (identical on every rank) and augmentation of ``epoch``."""

@@ -8,11 +8,13 @@ torch DataLoader). Both yield ``(x float32 B×C×S×S, y int64 B)`` on ``device`
 sharding rule of ``shard``; call ``set_epoch(e)`` before each epoch, as with a DistributedSampler.
 
 Random numbers (the permutation, crop offsets, mirror bits) come from CPU generators seeded by
-(seed, epoch[, rank]) and are drawn once per epoch, so a run is reproducible on any device and
-the same on CPU and GPU.
+(seed, epoch) and are drawn once per epoch for the whole permutation (each rank takes its
+positions), so a run is reproducible on any device, the same on CPU and GPU, and an example is
+augmented alike on any world size.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Iterator, Optional
 
@@ -21,7 +23,7 @@ import torch
 from elastictrain.data.augment import normalize, pad_center, random_crop_flip
 from elastictrain.data.batches import Batches
 from elastictrain.data.datasets import DataBundle, DataConfig, InMemory, Split
-from elastictrain.data.shard import mix_seed, shard_indices
+from elastictrain.data.shard import mix_seed, shard_indices, step_positions
 
 
 def default_crop_padding(side: int) -> int:
@@ -60,13 +62,14 @@ class BatchLoader:
         self.padding = default_crop_padding(pad_to or max(h, w)) if crop_padding is None else crop_padding
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(c, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(c, 1, 1)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.micro_batches = seed, rank, world_size, b.micro_batches
         self.drop_last = train if drop_last is None else drop_last
         self.epoch = 0
         mix_seed(seed)  # rejects a negative seed now rather than at the first epoch
         if train and len(self) == 0:  # an evaluation shard may be empty (fewer examples than ranks)
-            raise ValueError(f"batch_size: {batch_size} is more than the {self._shard_len()} training examples"
-                             f" of rank {rank}, so an epoch would have no step")
+            times = f" × {b.micro_batches} micro-batches a step" if b.micro_batches > 1 else ""
+            raise ValueError(f"batch_size: {batch_size}{times} is more than the {len(self.labels) // world_size} "
+                             f"training examples of rank {rank}, so an epoch would have no step")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` (identical on every rank) and this rank's crops and flips."""
@@ -75,11 +78,17 @@ class BatchLoader:
     def indices(self) -> torch.Tensor:
         """The examples this rank visits this epoch, in order (CPU int64), before batching."""
         return shard_indices(len(self.labels), seed=self.seed, epoch=self.epoch, rank=self.rank,
-                             world_size=self.world_size, train=self.train)
+                             world_size=self.world_size, train=self.train, **self._steps())
+
+    def _steps(self) -> dict:
+        """Training visits whole optimizer steps (``shard.step_positions``); evaluation every example."""
+        return {"batch": self.batch_size, "micro_batches": self.micro_batches} if self.train else {}
 
     def _shard_len(self) -> int:
         n, ws = len(self.labels), self.world_size
-        return n // ws if self.train else len(range(self.rank, n, ws))
+        if self.train:
+            return len(step_positions(n, rank=self.rank, world_size=ws, **self._steps()))
+        return len(range(self.rank, n, ws))
 
     def __len__(self) -> int:
         m, b = self._shard_len(), self.batch_size
@@ -88,7 +97,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         nb, b = len(self), self.batch_size
         idx = self.indices()[: nb * b]
-        params = self._draw(len(idx)) if self.augment else None
+        params = self._draw() if self.augment else None
         idx = idx.to(self.device)
         for i in range(nb):
             sl = slice(i * b, (i + 1) * b)
@@ -100,12 +109,17 @@ class BatchLoader:
                 x = pad_center(self.images.index_select(0, idx[sl]), self.pad_to)
             yield normalize(x, self.mean, self.std), self.labels.index_select(0, idx[sl])
 
-    def _draw(self, m: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Crop offsets in [0, 2·padding] and mirror bits for the ``m`` examples of this epoch."""
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
-        dy_dx = torch.randint(0, 2 * self.padding + 1, (2, m), generator=g).to(self.device)
-        flip = torch.randint(0, 2, (m,), generator=g).bool().to(self.device) if self.hflip else None
-        return dy_dx[0], dy_dx[1], flip
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Crop offsets in [0, 2·padding] and mirror bits for the examples this rank visits this
+        epoch. Drawn for every position of the epoch's shared permutation and taken at this rank's
+        positions, so an example gets the same crop on any world size — what lets a stage change
+        its world size mid-way (``elastictrain.train.step_split``)."""
+        n = len(self.labels)
+        at = step_positions(n, rank=self.rank, world_size=self.world_size, **self._steps())
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1))
+        dy_dx = torch.randint(0, 2 * self.padding + 1, (2, n), generator=g)[:, at]
+        flip = torch.randint(0, 2, (n,), generator=g)[at].bool() if self.hflip else None
+        return dy_dx[0].to(self.device), dy_dx[1].to(self.device), None if flip is None else flip.to(self.device)
 
 
 def make_loader(split: Split, b: Batches, device: torch.device | str):
@@ -129,10 +143,13 @@ def _batches(bundle: DataBundle, cfg: DataConfig, split: Split, train: bool, see
 
 
 def make_loaders(bundle: DataBundle, cfg: DataConfig, device: torch.device | str, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, micro_batches: int = 1):
     """(train_loader, test_loader) for ``bundle`` as ``cfg`` says; its batch sizes are per rank here
-    (a pipeline stage divides the global batch by the world size before calling this)."""
-    train = make_loader(bundle.train, _batches(bundle, cfg, bundle.train, True, seed, rank, world_size), device)
+    (a pipeline stage divides the global batch by the world size before calling this), and a
+    training step is ``micro_batches`` batches (gradient accumulation)."""
+    b = dataclasses.replace(_batches(bundle, cfg, bundle.train, True, seed, rank, world_size),
+                            micro_batches=micro_batches)
+    train = make_loader(bundle.train, b, device)
     return train, make_test_loader(bundle, cfg, device, rank, world_size, seed)
 
 

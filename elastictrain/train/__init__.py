@@ -3,7 +3,7 @@ weights during training), the epoch loop, the backend a stage runs on (one proce
 DeepSpeed rank in ``jobs``), knowledge distillation and adversarial attacks. Nothing here assumes a
 single process: all state is tensors, computed deterministically from the weights, so identical
 weights give identical state."""
-from elastictrain.train.backend import Backend, Local, StageFailed
+from elastictrain.train.backend import Backend, Local, StageFailed, step_split
 from elastictrain.train.constrainer import ADMMConfig, Constrainer, EnforceConfig
 from elastictrain.train.distill import DistillConfig, Teacher
 from elastictrain.train.loop import (
@@ -19,4 +19,4 @@ from elastictrain.train.loop import (
 
 __all__ = ["ADMMConfig", "Backend", "Constrainer", "DistillConfig", "EnforceConfig", "Hooks", "LRConfig", "Local",
            "OptimConfig", "StageFailed", "Teacher", "TorchStepper", "build_optimizer", "build_scheduler", "evaluate",
-           "train_epoch"]
+           "step_split", "train_epoch"]

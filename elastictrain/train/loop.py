@@ -145,6 +145,9 @@ class Hooks:
     on_update: Optional[Callable[[str], None]] = None
     """called with each constraint update the constrainer made after a step ("masks",
     "codebooks", "admm"): the stage re-masks the backend's optimizer state, checks ranks, logs."""
+    before_micro_batch: Optional[Callable[[int, int], None]] = None
+    """called before each micro-batch with (optimizer step of the epoch, micro-batch of the step):
+    the stage seeds the micro-batch's randomness (dropout, attack starts) by its data shard."""
     on_step: Optional[Callable[[dict], None]] = None
     """called after every step with {loss, lr, step, images} (the pipeline's metric logging)."""
     progress: Optional[Progress] = None
@@ -177,6 +180,8 @@ def train_epoch(model: nn.Module, loader, stepper, constrainer=None, hooks: Opti
     for i, (x, y) in enumerate(loader):
         if i >= usable:
             break
+        if hooks.before_micro_batch is not None:
+            hooks.before_micro_batch(i // A, i % A)
         if constrainer is not None:
             constrainer.before_forward()
         n = y.numel()
