@@ -31,8 +31,8 @@ def test_seed_table_rows_are_all_there():
 
 def test_cluster_configs_load():
     kinds = {p.stem: load_cluster(p).kind for p in (ROOT / "configs" / "clusters").glob("*.yaml")}
-    assert kinds == {"single": "single", "local": "ray", "ray-local": "ray", "slurm-local": "slurm",
-                     "slurm-2x8gpu": "slurm"}
+    assert kinds == {"single": "single", "local": "ray", "ray-local": "ray", "ray-nodes": "ray",
+                     "slurm-local": "slurm", "slurm-2x8gpu": "slurm"}
 
 
 def test_bad_cluster_is_named(tmp_path):
