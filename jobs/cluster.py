@@ -22,6 +22,17 @@ from typing import Literal, Optional
 
 from elastictrain.config import ConfigError, build, fail, load_yaml, refuse_secrets
 
+EMBEDDED_RAY_ENV = {
+    # set in a process that starts the embedded Ray (``address: local``), before Ray reads them.
+    # Never passed on to a job that process submits (``jobs.slurm.sbatch``): there they would stop
+    # a multi-node Ray and point its ranks at 127.0.0.1.
+    # Ray otherwise binds to (and tells workers) the machine's interface address:
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MASTER_ADDR": "127.0.0.1",
+    # Ray starts its workers at nice 15, below its own daemons; on a machine whose cores the
+    # workers fill, every tick of those daemons then stalls a training step (bench/scaling.py)
+    "RAY_worker_niceness": "0",
+}
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 

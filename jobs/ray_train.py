@@ -26,14 +26,8 @@ from elastictrain.console import redirected
 from elastictrain.distributed import RanksDiverged
 from elastictrain.train import Backend, StageFailed
 from jobs.backend import DeepSpeedBackend
-from jobs.cluster import ClusterConfig, check_answers
+from jobs.cluster import EMBEDDED_RAY_ENV, ClusterConfig, check_answers
 from jobs.output import Follower, console_writer, stamp
-
-LOOPBACK_ENV = {
-    # Ray otherwise binds to (and tells workers) the machine's interface address
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "MASTER_ADDR": "127.0.0.1",
-}
 
 
 def worker_env(cluster: ClusterConfig) -> dict:
@@ -50,7 +44,7 @@ def start_ray(cluster: ClusterConfig, verbose: bool = False) -> None:
     process. Workers' output stays in their logs unless ``verbose`` (Ray then forwards it, prefixed)."""
     local = cluster.ray.address == "local"
     if local:  # before Ray is imported: it reads these when it picks the node's address
-        for k, v in {**LOOPBACK_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}.items():
+        for k, v in {**EMBEDDED_RAY_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}.items():
             os.environ.setdefault(k, v)
     import ray
 

@@ -10,13 +10,14 @@ node, or — several nodes — Ray started across the allocation by ``slurm/ray-
 """
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 from pathlib import Path
 from string import Template
 
 from elastictrain.config import ConfigError, to_plain
-from jobs.cluster import ClusterConfig
+from jobs.cluster import EMBEDDED_RAY_ENV, ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "stage.sbatch"
@@ -73,7 +74,7 @@ def render(cluster: ClusterConfig, pipeline: Path, run_dir: Path, stage: str, pi
 
 def _run(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=job_env())
     except FileNotFoundError:
         raise ConfigError(f"{cmd[0]}: not found — is this a Slurm login node (slurm-client installed)?") from None
     if out.returncode != 0:
@@ -82,12 +83,19 @@ def _run(cmd: list[str]) -> str:
     return out.stdout.strip()
 
 
+def job_env() -> dict:
+    """The environment a job inherits (sbatch exports the submitter's): without the loopback settings
+    of an embedded Ray this process may have started (``EMBEDDED_RAY_ENV``), which would stop the job's
+    multi-node Ray ("not supported") and point its ranks at 127.0.0.1."""
+    return {k: v for k, v in os.environ.items() if k not in EMBEDDED_RAY_ENV}
+
+
 def sbatch(script: Path, after: str | None = None, test_only: bool = False) -> str:
     """Submit ``script`` (after job ``after`` succeeded); the job id, or sbatch's verdict with ``test_only``."""
     cmd = (["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else [])
            + (["--test-only"] if test_only else []))
     if test_only:  # the verdict goes to stderr, exit status 0 or 1
-        out = subprocess.run(cmd + [str(script)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(cmd + [str(script)], capture_output=True, text=True, timeout=60, env=job_env())
         return (out.stderr or out.stdout).strip() + ("" if out.returncode == 0 else f" (exit {out.returncode})")
     return _run(cmd + [str(script)]).split(";")[0]
 
