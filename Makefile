@@ -78,6 +78,8 @@ bench: setup data bench-setup
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/ds_overhead.py
 	$(BIN)/python bench/comm.py
+	$(BIN)/python bench/comm_link.py              # link_steps in comm.json, comm-link.md: two hosts, tc-limited (root)
+	$(BIN)/python bench/scaling.py                # scaling.json/.md: one process vs Ray Train workers, same cores
 	$(BIN)/python bench/artifact.py
 	$(BIN)/python bench/robust.py                 # robust.json (ε = 8/255)
 	$(BIN)/python bench/robust.py --eps 0.1       # robust-eps0.1.json
