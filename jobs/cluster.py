@@ -29,8 +29,9 @@ EMBEDDED_RAY_ENV = {
     # Ray otherwise binds to (and tells workers) the machine's interface address:
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "MASTER_ADDR": "127.0.0.1",
-    # Ray starts its workers at nice 15, below its own daemons; on a machine whose cores the
-    # workers fill, every tick of those daemons then stalls a training step (bench/scaling.py)
+    # Ray starts its workers at nice 15, below its own daemons, which then take the cores first
+    # wherever the workers fill them; the training workers are the work (bench/scaling.py has a
+    # row at 15: never faster, sometimes clearly slower, on this 2-core machine)
     "RAY_worker_niceness": "0",
 }
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
