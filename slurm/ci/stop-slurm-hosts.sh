@@ -6,15 +6,7 @@ set -uo pipefail
 DIR=${SLURM_HOSTS_DIR:-/tmp/slurm-hosts}
 export SLURM_CONF=$DIR/slurm.conf
 log() { echo "[stop-slurm-hosts] $*" >&2; }
-stop() {  # stop PIDFILE COMM
-  local p; p=$(cat "$1" 2>/dev/null) || return 0
-  if [ "$(cat /proc/$p/comm 2>/dev/null)" = "$2" ]; then
-    log "stopping $2 ($p)"; kill -TERM "$p"
-    for _ in $(seq 100); do [ -d /proc/$p ] || break; sleep 0.1; done
-    [ "$(cat /proc/$p/comm 2>/dev/null)" = "$2" ] && kill -KILL "$p"
-  fi
-  rm -f "$1"
-}
+source "$(dirname "$0")/pidfile.sh"
 if [ -f "$SLURM_CONF" ] && command -v scontrol >/dev/null && timeout 10 scontrol ping 2>/dev/null | grep -q UP; then
   jobs=$(squeue -h -o %A 2>/dev/null | sort -u)
   if [ -n "$jobs" ]; then
