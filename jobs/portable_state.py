@@ -99,12 +99,12 @@ def save_state(engine, zero: int, params: list[torch.nn.Parameter], groups: list
         at += n * (1 + len(keys))
     dist.all_reduce(buf)
     step = next((s["step"] for s in opt.state.values() if "step" in s), None)
+    names = {id(q): k for k, q in engine.module.named_parameters()}
     state, at = {}, 0
     for i, (p, n) in enumerate(zip(params, sizes)):
         shape = tuple(p.ds_shape) if zero == 3 else tuple(p.shape)
         whole = [buf.narrow(0, at + k * n, n).view(shape).cpu().clone() for k in range(1 + len(keys))]
-        name = next(k for k, q in engine.module.named_parameters() if q is p)
-        model_state[name] = whole[0]  # the fp32 master is the weight
+        model_state[names[id(p)]] = whole[0]  # the fp32 master is the weight
         state[i] = {key: t for key, t in zip(keys, whole[1:])}
         if step is not None:
             state[i]["step"] = step.detach().cpu().clone()
