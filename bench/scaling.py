@@ -10,10 +10,12 @@ each row's cluster, in a fresh run directory:
 
 - ``single``: one process, all cores as torch threads (what ``make demo-single`` runs);
 - ``1 worker``: one Ray Train worker with all cores (what Ray and DeepSpeed cost without a peer);
-- ``2 workers ZeRO-2``: two workers, one core each (what ``make demo`` runs);
-- ``2 workers ZeRO-0``: the same without ZeRO's partitioned gradients (plain all-reduce);
-- ``… workers at nice 15``: Ray's default niceness for its workers, below Ray's own processes
-  (the embedded cluster starts its workers at nice 0).
+- ``2 workers ZeRO-0, shared memory``: two workers, one core each, adding their gradients in
+  ``/dev/shm`` (what ``make demo`` runs: ``configs/clusters/local.yaml``);
+- ``2 workers ZeRO-0, gloo``: the same all-reduce through gloo's sockets;
+- ``2 workers ZeRO-2, gloo``: DeepSpeed's partitioned gradients (the embedded default until issue 19);
+- ``… nice 15``: Ray's default niceness for its workers, below Ray's own processes (the embedded
+  cluster starts its workers at nice 0).
 
 For each: the epoch's seconds and images/s from the stage's report, and the ratio to ``single``
 (the issue's target: the two-worker epoch ≤ 1.25 × single). Writes bench/results/scaling.{json,md}
@@ -40,21 +42,19 @@ PIPELINE = "configs/experiments/quickstart.yaml"
 
 def rows(cores: int) -> dict[str, dict]:
     ray = {"kind": "ray", "device": "cpu", "ray": {"address": "local", "storage_path": "runs/bench-scaling/ray"}}
+    half = max(1, cores // 2)
+    two = {**ray, "threads": half, "ray": {**ray["ray"], "num_workers": 2, "cpus_per_worker": half}}
     return {
         "single": {"kind": "single", "device": "cpu", "threads": cores},
         "1 worker": {**ray, "threads": cores, "ray": {**ray["ray"], "num_workers": 1, "cpus_per_worker": cores},
-                     "deepspeed": {"zero_stage": 2}},
-        "2 workers ZeRO-2": {**ray, "threads": max(1, cores // 2),
-                             "ray": {**ray["ray"], "num_workers": 2, "cpus_per_worker": max(1, cores // 2)},
-                             "deepspeed": {"zero_stage": 2}},
-        "2 workers ZeRO-0": {**ray, "threads": max(1, cores // 2),
-                             "ray": {**ray["ray"], "num_workers": 2, "cpus_per_worker": max(1, cores // 2)},
-                             "deepspeed": {"zero_stage": 0}},
+                     "deepspeed": {"zero_stage": 0}},
+        # the embedded default (configs/clusters/local.yaml): gradients summed in shared memory
+        "2 workers ZeRO-0, shared memory": {**two, "deepspeed": {"zero_stage": 0, "shared_memory": True}},
+        "2 workers ZeRO-0, gloo": {**two, "deepspeed": {"zero_stage": 0, "shared_memory": False}},
+        "2 workers ZeRO-2, gloo": {**two, "deepspeed": {"zero_stage": 2}},
         # Ray's default: workers at nice 15, below Ray's own processes (the embedded cluster sets 0)
-        "2 workers ZeRO-2, workers at nice 15": {
-            **ray, "threads": max(1, cores // 2), "env": {"RAY_worker_niceness": "15"},
-            "ray": {**ray["ray"], "num_workers": 2, "cpus_per_worker": max(1, cores // 2)},
-            "deepspeed": {"zero_stage": 2}},
+        "2 workers ZeRO-0, shared memory, nice 15": {**two, "env": {"RAY_worker_niceness": "15"},
+                                                      "deepspeed": {"zero_stage": 0, "shared_memory": True}},
     }
 
 

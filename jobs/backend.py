@@ -29,11 +29,14 @@ class DeepSpeedBackend:
         self.ds, self.rank, self.world_size, self.device = ds, rank, world_size, device
         self.accumulation, self.nominal_world = accumulation, nominal_world or world_size
         self.autocast = autocast_dtype(ds, device)
+        self.transport = None  # the engine's shared-memory all-reduce, when it has one
 
     def engine(self, model, opt, sched, constrainer, *, batch_per_rank: int, clip: Optional[float],
                accumulation: Optional[int] = None):
-        return initialize(self.ds, model, opt, sched, constrainer, batch_per_rank, self.world_size, clip,
-                          accumulation or self.accumulation)
+        engine, stepper = initialize(self.ds, model, opt, sched, constrainer, batch_per_rank, self.world_size, clip,
+                                     accumulation or self.accumulation)
+        self.transport = stepper.transport
+        return engine, stepper
 
     def after_update(self, constrainer, event: str) -> None:
         if event == "masks":
@@ -44,7 +47,7 @@ class DeepSpeedBackend:
         return reduce_metrics(m)
 
     def all_finite(self, x: float) -> bool:
-        return all_finite(x)
+        return all_finite(x, self.transport)
 
     def barrier(self) -> None:
         if dist.is_initialized():
@@ -67,10 +70,11 @@ def check_ranks(constrainer) -> None:
     check_identical(constrainer.codebooks, "codebooks")
 
 
-def all_finite(x: float) -> bool:
-    """``x`` is finite on every rank (one float all-reduced): ranks stop together or not at all."""
+def all_finite(x: float, transport=None) -> bool:
+    """``x`` is finite on every rank (one float all-reduced — through shared memory where the
+    gradients go that way, since it runs every step): ranks stop together or not at all."""
     t = torch.tensor([0.0 if math.isfinite(x) else 1.0])
-    dist.all_reduce(t)
+    transport(t) if transport is not None else dist.all_reduce(t)
     return float(t[0]) == 0.0
 
 

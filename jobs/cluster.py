@@ -105,6 +105,10 @@ class DeepSpeedConfig:
     gradient_clipping: Optional[float] = None
     sparse_reduce: bool = False
     """ZeRO 0 only: all-reduce only the kept weights' gradients (identical masks on every rank)."""
+    shared_memory: Literal["auto", True, False] = "auto"
+    """ZeRO 0 on CPUs: ranks that share a host all-reduce gradients through shared memory
+    (``elastictrain.distributed.shm``) instead of gloo's sockets. auto: whenever every rank is on
+    one host; true: the same, and an error where they are not."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -116,6 +120,10 @@ class DeepSpeedConfig:
                  "scaling; use bf16 (autocast over fp32 weights, exact codebooks)")
         if self.sparse_reduce and self.zero_stage != 0:
             fail("sparse_reduce", "needs zero_stage 0 (ZeRO 1–3 reduce inside DeepSpeed's partitioned buffers)")
+        if self.shared_memory not in (True, False, "auto"):
+            fail("shared_memory", f"must be true, false or auto (got {self.shared_memory!r})")
+        if self.shared_memory is True and self.zero_stage != 0:
+            fail("shared_memory", "needs zero_stage 0 (ZeRO 1–3 reduce inside DeepSpeed's partitioned buffers)")
 
 
 @dataclass(slots=True)
@@ -213,6 +221,8 @@ class ClusterConfig:
             fail("kind", "a single-process cluster takes no ray or deepspeed section (kind: ray does)")
         if self.kind == "ray" and self.device == "cuda" and self.ray.gpus_per_worker == 0:
             fail("ray.gpus_per_worker", "device: cuda needs GPUs per worker")
+        if self.deepspeed is not None and self.deepspeed.shared_memory is True and self.device == "cuda":
+            fail("deepspeed.shared_memory", "reduces CPU gradients; on GPUs NCCL does this")
 
 
 DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "configs" / "clusters" / "local.yaml"

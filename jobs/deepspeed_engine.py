@@ -59,9 +59,9 @@ def ds_config(ds: DeepSpeedConfig, batch_per_rank: int, world_size: int, clip: O
         # minutes on CPU); ZeRO partitions their state like any other
         "zero_allow_untested_optimizer": True,
     }
-    clip = ds.gradient_clipping or clip
-    if clip:
-        cfg["gradient_clipping"] = clip
+    # always said: DeepSpeed's own default is 1.0, which would clip every step of a stage that
+    # asked for no clipping (and that a single process, on the same recipe, does not clip)
+    cfg["gradient_clipping"] = float(ds.gradient_clipping or clip or 0.0)
     return cfg  # no "bf16" / "fp16" section: see ``precision``
 
 
@@ -70,8 +70,9 @@ class DeepSpeedStepper:
     contract). DeepSpeed wants ``engine.step()`` after every micro-batch — between boundaries it
     only counts — so ``backward`` makes that call itself until the A-th micro-batch."""
 
-    def __init__(self, engine, zero: int, params: list, groups: list[list[int]], reducer=None):
+    def __init__(self, engine, zero: int, params: list, groups: list[list[int]], reducer=None, transport=None):
         self.engine, self.zero, self.params, self.groups, self.reducer = engine, zero, params, groups, reducer
+        self.transport = transport  # the shared-memory all-reduce (float32 CPU buffers), or None
         self.accumulation = engine.gradient_accumulation_steps()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -79,7 +80,7 @@ class DeepSpeedStepper:
         self.engine.backward(loss)  # (DeepSpeed divides the loss by the accumulation steps itself)
         if not boundary:
             self.engine.step()
-        elif self.reducer is not None:  # sparse-aware reduction replaces DeepSpeed's dense all-reduce
+        elif self.reducer is not None:  # our all-reduce (sparse-aware / shared memory) replaces DeepSpeed's
             self.reducer()
 
     def step(self) -> None:
@@ -179,8 +180,9 @@ def gathered_state_dict(model) -> dict:
 def initialize(ds: DeepSpeedConfig, model, opt, sched, constrainer, batch_per_rank: int, world_size: int,
                clip: Optional[float] = None, accumulation: int = 1):
     """Wrap the model, optimizer and LR schedule in a DeepSpeed engine; under ZeRO-3 the
-    constrainer is switched to the slices, and with ``sparse_reduce`` gradients are reduced by
-    mask. Returns (engine, stepper)."""
+    constrainer is switched to the slices. Under ZeRO-0 our own all-reduce replaces DeepSpeed's
+    where it does better: by mask (``sparse_reduce``), through shared memory (``shared_memory``),
+    or both. Returns (engine, stepper)."""
     import deepspeed
 
     params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's order (its state's keys)
@@ -188,27 +190,54 @@ def initialize(ds: DeepSpeedConfig, model, opt, sched, constrainer, batch_per_ra
     groups = [list(range(sum(sizes[:i]), sum(sizes[:i + 1]))) for i in range(len(sizes))]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                           config=ds_config(ds, batch_per_rank, world_size, clip, accumulation))
+    if constrainer is not None and ds.zero_stage == 3:
+        constrainer.use_layout(zero3_layout(engine, constrainer))
     reducer = None
-    if constrainer is not None:
-        if ds.zero_stage == 3:
-            constrainer.use_layout(zero3_layout(engine, constrainer))
-        if ds.sparse_reduce:
-            reducer = sparse_reducer(engine, constrainer)
-    return engine, DeepSpeedStepper(engine, ds.zero_stage, params, groups, reducer)
+    if ds.zero_stage == 0 and world_size == 1:
+        engine.enable_backward_allreduce = False  # (DeepSpeed would all-reduce over a group of one)
+    shm = shared_memory(ds, engine)
+    transport = shm.all_reduce_ if shm is not None else None
+    if ds.zero_stage == 0 and (shm is not None or (ds.sparse_reduce and constrainer is not None)):
+        reducer = gradient_reducer(engine, constrainer if ds.sparse_reduce else None, transport)
+    return engine, DeepSpeedStepper(engine, ds.zero_stage, params, groups, reducer, transport)
 
 
-def sparse_reducer(engine, constrainer):
-    """ZeRO 0: all-reduce only the kept entries of masked gradients (one packed buffer per step)."""
+def shared_memory(ds: DeepSpeedConfig, engine):
+    """The shared-memory all-reduce when ``ds.shared_memory`` asks for it and the ranks allow it
+    (ZeRO 0, CPU, every rank on this host by ``LOCAL_WORLD_SIZE``, which Ray Train and torchrun
+    set); else None. ``true`` where the ranks do not allow it is an error."""
+    import os
+
+    from elastictrain.distributed.shm import SharedMemoryAllReduce, usable
+
+    if ds.shared_memory is False or ds.zero_stage != 0 or engine.device.type != "cpu":
+        return None
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if not usable(int(local) if local and local.isdigit() else None):
+        if ds.shared_memory is True:
+            raise RuntimeError("deepspeed.shared_memory: true, but the ranks are not all on one x86 host "
+                               f"(LOCAL_WORLD_SIZE={local}); set it to auto or false")
+        return None
+    numel = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    print(f"gradients: summed in shared memory by the {local} ranks of this host", flush=True)  # (the rank's log)
+    return SharedMemoryAllReduce(numel)
+
+
+def gradient_reducer(engine, constrainer=None, transport=None):
+    """ZeRO 0: our all-reduce replaces DeepSpeed's, once per optimizer step — all gradients in one
+    buffer through ``transport`` (shared memory), and with a constrainer (``sparse_reduce``) only
+    the kept entries of masked gradients."""
     from elastictrain.distributed import SparseReducer
 
     engine.enable_backward_allreduce = False
-    params = dict(engine.module.named_parameters())
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     state = {"reducer": None, "masks_id": None}
 
     def reduce() -> None:
-        key = id(constrainer.masks), constrainer.stats["mask_updates"]
-        if state["masks_id"] != key:  # masks changed: rebuild the packing indices
-            state["reducer"] = SparseReducer(dict(constrainer.masks), params)
+        key = (id(constrainer.masks), constrainer.stats["mask_updates"]) if constrainer is not None else None
+        if state["reducer"] is None or state["masks_id"] != key:  # masks changed: rebuild the packing indices
+            masks = dict(constrainer.masks) if constrainer is not None else {}
+            state["reducer"] = SparseReducer(masks, params, transport=transport)
             state["masks_id"] = key
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         state["reducer"].all_reduce_(grads)

@@ -379,3 +379,65 @@ def test_sparse_reducer_equals_dense_all_reduce_then_mask(tmp_path):
         assert out[True] and out[False]
         assert out["bytes"] == ((kept + 11) * 4, (210 + 135 + 11) * 4, kept * 4)
         assert out["debug"].startswith("SparseReducer masks differ across ranks: layer a: rank 0 has ")
+
+
+def _w_shm(rank: int, world: int) -> dict:
+    from elastictrain.distributed.shm import SharedMemoryAllReduce, usable
+
+    out = {"usable": (usable(world), usable(None), usable(1))}
+    shm = SharedMemoryAllReduce(1000)
+    out["left_on_disk"] = [f for f in os.listdir("/dev/shm") if f.startswith("elastictrain-allreduce-")]
+    g = torch.Generator().manual_seed(70 + rank)  # different values on each rank
+    out["sums"], out["gloo_close"] = [], []
+    for n in (1000, 7, 1, 999, 1000):  # varying sizes in one buffer: the slices move between calls
+        x = torch.randn(n, generator=g) * 10 ** torch.randint(-3, 4, (n,), generator=g)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        shm.all_reduce_(x)
+        out["sums"].append(_np(x))
+        out["gloo_close"].append(bool(torch.allclose(x, ref, rtol=1e-6, atol=0)))
+    params = {"w": torch.zeros(30, 7), "b": torch.zeros(11)}
+    grads = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    via_gloo = {n: v.clone() for n, v in grads.items()}
+    SparseReducer({}, params, transport=shm.all_reduce_).all_reduce_(grads)
+    SparseReducer({}, params).all_reduce_(via_gloo)
+    out["dense_reducer_equal"] = all(torch.equal(grads[n], via_gloo[n]) for n in params)
+    errors = []
+    for bad in (torch.zeros(3, dtype=torch.float64), torch.zeros(1001), torch.zeros(2, 2)):
+        try:
+            shm.all_reduce_(bad)
+        except ValueError as e:
+            errors.append(str(e))
+    out["errors"] = errors
+    # a peer that never arrives: rank 0 times out naming it, instead of waiting forever
+    late = SharedMemoryAllReduce(4, timeout_s=1.0)
+    if rank == 0:
+        try:
+            late.all_reduce_(torch.ones(4))
+            out["timeout"] = "no error"
+        except TimeoutError as e:
+            out["timeout"] = str(e)
+    dist.barrier()
+    shm.close()
+    return out
+
+
+def test_shared_memory_all_reduce_is_one_sum_on_every_rank(tmp_path):
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the shared-memory all-reduce runs on x86 only")
+    outs = run2(tmp_path, _w_shm)
+    g0, g1 = torch.Generator().manual_seed(70), torch.Generator().manual_seed(71)
+    for i, n in enumerate((1000, 7, 1, 999, 1000)):
+        a = torch.randn(n, generator=g0) * 10 ** torch.randint(-3, 4, (n,), generator=g0)
+        b = torch.randn(n, generator=g1) * 10 ** torch.randint(-3, 4, (n,), generator=g1)
+        for out in outs:  # the same bits on both ranks, and for two ranks exactly a + b
+            np.testing.assert_array_equal(out["sums"][i], _np(a + b))
+            assert out["gloo_close"][i]
+    for rank, out in enumerate(outs):
+        assert out["usable"] == (True, False, False)
+        assert out["left_on_disk"] == []  # unlinked once both ranks had mapped it
+        assert out["dense_reducer_equal"]
+        assert len(out["errors"]) == 3 and "float32" in out["errors"][0] and "capacity of 1000" in out["errors"][1]
+    assert outs[0]["timeout"].startswith("SharedMemoryAllReduce: rank(s) [1] did not arrive within 1 s")

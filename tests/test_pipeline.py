@@ -227,6 +227,8 @@ ZERO3 = str(Path(__file__).resolve().parents[1] / "configs/specs/smallcnn-zero3-
                                                   c["stages"].pop(2)],
      "stages[1].enforce.method: admm keeps whole-weight Z and U; it needs deepspeed.zero_stage 0–2"),
     ({"deepspeed": {"zero_stage": 2, "sparse_reduce": True}}, None, "deepspeed.sparse_reduce: needs zero_stage 0"),
+    ({"deepspeed": {"zero_stage": 2, "shared_memory": True}}, None, "deepspeed.shared_memory: needs zero_stage 0"),
+    ({"deepspeed": {"zero_stage": 0, "shared_memory": "yes"}}, None, "deepspeed.shared_memory: must be one of"),
 ])
 def test_bad_cluster_is_one_line_error_before_any_worker(tmp_path, capsys, cluster, edit, message):
     """Refused on the driver, before Ray starts: nothing is written."""

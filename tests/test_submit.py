@@ -118,10 +118,15 @@ def test_a_requeued_stage_resumes_from_its_last_epoch(slurm, tmp_path):
         assert time.monotonic() < end, "no resume point appeared"
         time.sleep(0.1)
     subprocess.run(["scontrol", "requeue", job], check=True)
-    # a requeued job waits out a begin-time delay; release it now instead of waiting ~2 minutes
-    for _ in range(100):
-        if subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True).returncode == 0:
+    # a requeued job waits out a begin-time delay (~2 minutes) once it is pending again; release it
+    # then — an update sent while the job is still being requeued is overwritten by that delay
+    for _ in range(300):
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True,
+                               text=True).stdout.split()
+        if state[:1] == ["RUNNING"] or (state[:1] == ["PENDING"] and "BeginTime" not in state):
             break
+        if state[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
         time.sleep(0.2)
     assert {r["stage"]: r["state"] for r in _wait(run_dir)} == {"dense_pretrain": "FINISHED"}
     log = next((run_dir / "submit").glob(f"dense_pretrain-{job}.out")).read_text()

@@ -12,7 +12,7 @@ different mask would add its entries into someone else's slots silently. Masks c
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -21,9 +21,12 @@ from elastictrain.distributed.sync import check_identical
 
 
 class SparseReducer:
-    def __init__(self, masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor], *, debug: bool = False):
+    def __init__(self, masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor], *, debug: bool = False,
+                 transport: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         """``params`` fixes which gradients are reduced (and their order: sorted names); ``masks``
-        (bool, each its parameter's shape) are a subset of them; the rest are reduced in full."""
+        (bool, each its parameter's shape) are a subset of them; the rest are reduced in full (no
+        masks: a dense all_reduce in one buffer). ``transport`` sums the buffer over the ranks in
+        place (default: the process group's all_reduce; e.g. ``SharedMemoryAllReduce.all_reduce_``)."""
         for n, m in masks.items():
             if n not in params:
                 raise ValueError(f"SparseReducer: mask {n!r} has no parameter in params")
@@ -36,6 +39,7 @@ class SparseReducer:
         self.names = sorted(params)
         self.masks = {n: masks[n] for n in sorted(masks)}
         self.debug = debug
+        self.transport = transport
         # flat indices of the kept entries (ascending), or None for a tensor reduced in full
         self._idx: dict[str, Optional[torch.Tensor]] = {
             n: masks[n].reshape(-1).nonzero().flatten() if n in masks else None for n in self.names}
@@ -65,7 +69,10 @@ class SparseReducer:
         flat = {n: grads[n].view(-1) for n in self.names}
         buf = torch.cat([flat[n] if self._idx[n] is None else flat[n].index_select(0, self._idx[n].to(flat[n].device))
                          for n in self.names])
-        _comm.all_reduce_(buf, group=group)
+        if self.transport is not None and group is None:
+            self.transport(buf)
+        else:
+            _comm.all_reduce_(buf, group=group)
         W = _comm.world_size(group)
         if average and W > 1:
             buf.div_(W)
