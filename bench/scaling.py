@@ -18,8 +18,10 @@ each row's cluster, in a fresh run directory:
   cluster starts its workers at nice 0).
 
 For each: the epoch's seconds and images/s from the stage's report, and the ratio to ``single``
-(the issue's target: the two-worker epoch ≤ 1.25 × single). Writes bench/results/scaling.{json,md}
-(``--quick``: 3,000 training images, scaling-quick.json).
+(the issue's target: the two-worker epoch ≤ 1.25 × single). Timings on a shared VM drift between
+minutes, so every row runs ``--rounds`` times (default 2), the order rotated each round; a row's
+ratio is the median over rounds of its epoch against single's epoch *of the same round*. Writes
+bench/results/scaling.{json,md} (``--quick``: 3,000 training images, scaling-quick.json).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -87,24 +90,41 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quick(ap, "scaling", "3,000 training images")
+    ap.add_argument("--rounds", type=int, default=2, help="each row this many times, the order rotated every round")
     args = ap.parse_args(argv)
     machine = describe()
     cores = machine.get("usable_cores") or 2
     busy = cpu_busy()
     root = ROOT / "runs" / "bench-scaling"
-    results = [run_row(label, c, root, args.quick) for label, c in rows(cores).items()]
-    base = results[0]["epoch_seconds"]
-    for r in results:
-        r["vs_single"] = r["epoch_seconds"] / base
-    md = "\n".join(["| row | ranks | epoch (s) | images/s | × single's epoch | first epoch (s) |",
-                    "|---|---:|---:|---:|---:|---:|"] + [
+    table = rows(cores)
+    labels = list(table)
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    for k in range(args.rounds):  # rotated, so no row always follows the same one
+        for label in labels[k % len(labels):] + labels[:k % len(labels)]:
+            runs[label].append(run_row(label, table[label], root, args.quick))
+    results = []
+    for label in labels:  # per round: the row's epoch over single's epoch of the same round
+        rs = runs[label]
+        ratios = [r["epoch_seconds"] / s["epoch_seconds"] for r, s in zip(rs, runs["single"])]
+        results.append({**rs[0], "epoch_seconds": statistics.median(r["epoch_seconds"] for r in rs),
+                        "images_per_s": statistics.median(r["images_per_s"] for r in rs),
+                        "first_epoch_seconds": statistics.median(r["first_epoch_seconds"] for r in rs),
+                        "vs_single": statistics.median(ratios), "rounds": [
+                            {k: r[k] for k in ("epoch_seconds", "first_epoch_seconds", "images_per_s", "top1",
+                                               "wall_seconds")} for r in rs],
+                        "vs_single_per_round": ratios})
+    md = "\n".join(["| row | ranks | epoch (s), median | images/s | × single's epoch (median of rounds) | "
+                    "× single, each round | first epoch (s) |", "|---|---:|---:|---:|---:|---|---:|"] + [
         f"| {r['row']} | {r['world_size']} | {r['epoch_seconds']:.1f} | {r['images_per_s']:.0f} | "
-        f"{r['vs_single']:.2f}× | {r['first_epoch_seconds']:.1f} |" for r in results])
+        f"{r['vs_single']:.2f}× | {' / '.join(f'{x:.2f}' for x in r['vs_single_per_round'])} | "
+        f"{r['first_epoch_seconds']:.1f} |" for r in results])
     print("\n" + md)
     result = {"benchmark": "scaling", "quick": args.quick, "machine": machine, "cpu_busy_before": busy,
-              "pipeline": PIPELINE, "stage": "dense_pretrain", "target": "2 workers ≤ 1.25 × single", "rows": results}
+              "pipeline": PIPELINE, "stage": "dense_pretrain", "rounds": args.rounds,
+              "target": "2 workers ≤ 1.25 × single", "rows": results}
     note = (f"# Scaling on one machine ({machine['cpu_model']}, {cores} cores)\n\nThe quickstart's dense stage, "
-            "second epoch (global batch 128); `bench/scaling.py`. Target: 2 workers ≤ 1.25 × single.")
+            f"second epoch (global batch 128); `bench/scaling.py`, {args.rounds} rounds, rows rotated each round. "
+            "Target: 2 workers ≤ 1.25 × single.")
     write_with_table(result, args, "scaling", note, md)
     return result
 

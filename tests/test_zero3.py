@@ -302,3 +302,58 @@ def test_resume_point_restores_deepspeed_training_exactly(tmp_path, zero):
     for r in (r0, r1):
         assert r["restored_equals_saved"] and r["same_final"] and r["params_equal"], r
     assert r0["buffers_equal"]
+
+
+def _plain_step_worker(rank: int, world: int, zero: int):
+    """A dense LeNet-5 (no BatchNorm: two halves of a batch train like the whole) on two DeepSpeed
+    ranks with the stage asking for no clipping; LOCAL_WORLD_SIZE says both ranks share this host,
+    so under ZeRO-0 the gradients go through shared memory."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    from elastictrain.models import build_model
+    from jobs.backend import DeepSpeedBackend
+    from jobs.cluster import DeepSpeedConfig
+
+    torch.manual_seed(0)
+    model = build_model("lenet5", num_classes=10, in_channels=1)
+    opt = build_optimizer(model, OptimConfig(lr=0.1, momentum=0.9))
+    backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero), rank, world, torch.device("cpu"))
+    engine, stepper = backend.engine(model, opt, build_scheduler(opt, LRConfig(name="constant"), 3, 1), None,
+                                     batch_per_rank=16, clip=None)
+    for x, y in _plain_batches()[rank::world]:
+        stepper.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        stepper.step()
+    return {"shm": backend.transport is not None, "finite": backend.all_finite(1.0),
+            "weights": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}}
+
+
+def _plain_batches() -> list:
+    """Three steps of 32 images as six halves of 16 (step s: halves 2s and 2s + 1), pixel values
+    large enough that the gradient's norm is far above 1."""
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 1, 28, 28, generator=g) * 4, torch.randint(0, 10, (16,), generator=g)) for _ in range(6)]
+
+
+def test_deepspeed_ranks_train_like_one_process_without_clipping(tmp_path):
+    """DeepSpeed clips every step at norm 1.0 unless told otherwise; a stage without
+    ``clip_grad_norm`` must not be clipped on any cluster. Plain torch on the whole batches is the
+    reference; its first gradient's norm is checked to be well above 1, so clipping would show."""
+    from elastictrain.models import build_model
+
+    torch.manual_seed(0)
+    ref = build_model("lenet5", num_classes=10, in_channels=1)
+    opt = build_optimizer(ref, OptimConfig(lr=0.1, momentum=0.9))
+    halves = _plain_batches()
+    norms = []
+    for s in range(3):
+        x, y = (torch.cat(t) for t in zip(*halves[2 * s:2 * s + 2]))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])))
+        opt.step()
+    assert norms[0] > 5, norms
+    for zero in (0, 2):
+        for r in run2(tmp_path / f"z{zero}", _plain_step_worker, zero):
+            assert r["shm"] == (zero == 0) and r["finite"]
+            for k, v in ref.state_dict().items():
+                np.testing.assert_allclose(r["weights"][k], v.numpy(), atol=2e-5, err_msg=f"ZeRO-{zero} {k}")

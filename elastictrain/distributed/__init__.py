@@ -17,6 +17,8 @@ off, as world size 1, and with gloo or NCCL):
   fixed-point (integer, hence associative) centroid sums and counts per Lloyd iteration.
 - ``SparseReducer`` — the gradient all_reduce moves only kept entries: one all_reduce(SUM) of a
   buffer laid out by the masks, which therefore must be identical on all ranks (checked above).
+- ``shm.SharedMemoryAllReduce`` — ranks of one host sum CPU buffers in a shared file instead of
+  through sockets: every element summed by one rank in rank order, so every rank gets the same bits.
 
 Only torch / torch.distributed here: no Ray, DeepSpeed or W&B.
 """
