@@ -316,7 +316,7 @@ def _plain_step_worker(rank: int, world: int, zero: int):
 
     torch.manual_seed(0)
     model = build_model("lenet5", num_classes=10, in_channels=1)
-    opt = build_optimizer(model, OptimConfig(lr=0.1, momentum=0.9))
+    opt = build_optimizer(model, OptimConfig(lr=0.01, momentum=0.9))
     backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero), rank, world, torch.device("cpu"))
     engine, stepper = backend.engine(model, opt, build_scheduler(opt, LRConfig(name="constant"), 3, 1), None,
                                      batch_per_rank=16, clip=None)
@@ -331,7 +331,7 @@ def _plain_batches() -> list:
     """Three steps of 32 images as six halves of 16 (step s: halves 2s and 2s + 1), pixel values
     large enough that the gradient's norm is far above 1."""
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(16, 1, 28, 28, generator=g) * 4, torch.randint(0, 10, (16,), generator=g)) for _ in range(6)]
+    return [(torch.randn(16, 1, 28, 28, generator=g) * 30, torch.randint(0, 10, (16,), generator=g)) for _ in range(6)]
 
 
 def test_deepspeed_ranks_train_like_one_process_without_clipping(tmp_path):
@@ -342,7 +342,7 @@ def test_deepspeed_ranks_train_like_one_process_without_clipping(tmp_path):
 
     torch.manual_seed(0)
     ref = build_model("lenet5", num_classes=10, in_channels=1)
-    opt = build_optimizer(ref, OptimConfig(lr=0.1, momentum=0.9))
+    opt = build_optimizer(ref, OptimConfig(lr=0.01, momentum=0.9))
     halves = _plain_batches()
     norms = []
     for s in range(3):
