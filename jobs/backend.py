@@ -74,7 +74,10 @@ def all_finite(x: float, transport=None) -> bool:
     """``x`` is finite on every rank (one float all-reduced — through shared memory where the
     gradients go that way, since it runs every step): ranks stop together or not at all."""
     t = torch.tensor([0.0 if math.isfinite(x) else 1.0])
-    transport(t) if transport is not None else dist.all_reduce(t)
+    if transport is not None:
+        transport(t)
+    else:
+        dist.all_reduce(t)
     return float(t[0]) == 0.0
 
 

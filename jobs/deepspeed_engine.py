@@ -16,6 +16,7 @@ the slices, which the next forward gathers.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -206,8 +207,6 @@ def shared_memory(ds: DeepSpeedConfig, engine):
     """The shared-memory all-reduce when ``ds.shared_memory`` asks for it and the ranks allow it
     (ZeRO 0, CPU, every rank on this host by ``LOCAL_WORLD_SIZE``, which Ray Train and torchrun
     set); else None. ``true`` where the ranks do not allow it is an error."""
-    import os
-
     from elastictrain.distributed.shm import SharedMemoryAllReduce, usable
 
     if ds.shared_memory is False or ds.zero_stage != 0 or engine.device.type != "cpu":

@@ -40,6 +40,7 @@ from elastictrain.distributed import _comm
 
 _FLAG_STRIDE = 8  # int64s between two ranks' flags: one 64-byte cache line each
 _NAME_BYTES = 256  # the file's path, sent as bytes
+_DIR = "/dev/shm"
 
 
 def usable(local_world_size: Optional[int]) -> bool:
@@ -48,7 +49,7 @@ def usable(local_world_size: Optional[int]) -> bool:
     to the world size), and an x86 CPU (see the module's note on store order)."""
     W = _comm.world_size()
     return (W > 1 and local_world_size == W and platform.machine().lower() in ("x86_64", "amd64")
-            and os.path.isdir("/dev/shm"))
+            and os.path.isdir(_DIR))
 
 
 class SharedMemoryAllReduce:
@@ -56,7 +57,7 @@ class SharedMemoryAllReduce:
     process group's ranks, all of which must be on this host. A collective: construct and call it
     on every rank, in the same order."""
 
-    def __init__(self, capacity: int, *, timeout_s: Optional[float] = None, directory: str = "/dev/shm"):
+    def __init__(self, capacity: int, *, timeout_s: Optional[float] = None):
         W, r = _comm.world_size(), _comm.rank()
         if capacity < 1:
             raise ValueError(f"SharedMemoryAllReduce: capacity must be >= 1 (got {capacity})")
@@ -64,7 +65,7 @@ class SharedMemoryAllReduce:
         self.timeout_s = timeout_s if timeout_s is not None else _default_timeout()
         flags_bytes = W * _FLAG_STRIDE * 8
         size = flags_bytes + (W + 1) * self.capacity * 4  # flags | W slots | the sum
-        path = _rendezvous(directory, size)
+        path = _rendezvous(size)
         self._mm, err = None, None
         try:
             fd = os.open(path, os.O_RDWR)
@@ -133,11 +134,11 @@ def _default_timeout() -> float:
     return t.total_seconds()
 
 
-def _rendezvous(directory: str, size: int) -> str:
+def _rendezvous(size: int) -> str:
     """Rank 0 creates a fresh, sized file with a random name; every rank learns the name."""
     name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
     if _comm.rank() == 0:
-        path = os.path.join(directory, f"elastictrain-allreduce-{os.getpid()}-{secrets.token_hex(8)}")
+        path = os.path.join(_DIR, f"elastictrain-allreduce-{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, size)
